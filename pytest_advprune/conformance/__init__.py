@@ -1,0 +1,1 @@
+"""The bundled conformance suite, collected when pytest runs with --advprune-method."""

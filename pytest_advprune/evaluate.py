@@ -1,0 +1,121 @@
+"""Clean and robust accuracy with per-point outcomes and 95% Wilson intervals.
+
+Robust accuracy of a preset is the point-wise worst case over its fixed attacks: a point counts
+as robust only if it is classified correctly clean and under every attack. Per-point flags are
+kept (as ``0``/``1`` strings) so that two models evaluated on the same points can be compared
+with a paired test later.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .attacks import pgd_robust_flags, predict, run_autoattack
+from .errors import NonFiniteModel
+from .presets import Preset
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``k/n`` as fractions ``(low, high)``; ``(0, 1)`` if n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Accuracy:
+    """Accuracy of one evaluation on ``n`` points: ``acc`` fraction, ``ci95`` Wilson interval
+    (fractions), ``flags`` a string of ``0``/``1`` per point (1 = correct/robust)."""
+
+    name: str
+    correct: int
+    n: int
+    acc: float
+    ci95: tuple[float, float]
+    flags: str = field(repr=False)
+
+    @classmethod
+    def from_flags(cls, name: str, flags: torch.Tensor) -> "Accuracy":
+        flags = flags.bool().cpu()
+        k, n = int(flags.sum()), len(flags)
+        return cls(name, k, n, k / n if n else 0.0, wilson(k, n), "".join("1" if f else "0" for f in flags.tolist()))
+
+    def tensor(self) -> torch.Tensor:
+        return torch.tensor([c == "1" for c in self.flags], dtype=torch.bool)
+
+
+@dataclass
+class Evaluation:
+    """Clean accuracy, each attack's accuracy (AutoAttack cumulative after each attack of its
+    cascade, PGD alone) and the point-wise worst case ``robust``."""
+
+    clean: Accuracy
+    attacks: dict[str, Accuracy]
+    robust: Accuracy
+    warnings: list[str]
+    duration_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Evaluation":
+        acc = lambda a: Accuracy(a["name"], a["correct"], a["n"], a["acc"], tuple(a["ci95"]), a["flags"])
+        return cls(acc(d["clean"]), {k: acc(v) for k, v in d["attacks"].items()}, acc(d["robust"]), d["warnings"], d["duration_s"])
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise :class:`NonFiniteModel` naming the first parameter or buffer holding NaN or inf."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteModel(f"model tensor {name!r} holds NaN or inf values; the method diverged (lower its learning rate)")
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    preset: Preset,
+    device: torch.device,
+    log: Callable[[str], None] = lambda s: None,
+) -> Evaluation:
+    """Evaluate ``model`` (eval mode, inputs ``x`` [N, C, H, W] in [0, 1]) with the preset's fixed attacks.
+
+    Raises :class:`NonFiniteModel` for NaN/inf weights or logits.
+    """
+    t0 = time.perf_counter()
+    check_finite(model)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        probe = model(x[: min(len(x), preset.eval_batch)].to(device))
+    if not torch.isfinite(probe).all():
+        raise NonFiniteModel("model outputs NaN or inf logits on clean inputs; the pruned model is broken")
+    clean = predict(model, x, preset.eval_batch, device) == y
+    attacks: dict[str, Accuracy] = {}
+    log(f"PGD-{preset.pgd_steps} on {len(x)} points")
+    torch.manual_seed(preset.seed)
+    pgd_flags = pgd_robust_flags(model, x, y, preset.eps, preset.pgd_steps, preset.eval_batch, device) & clean
+    attacks[f"PGD-{preset.pgd_steps}"] = Accuracy.from_flags(f"PGD-{preset.pgd_steps}", pgd_flags)
+    outcome = run_autoattack(model, x, y, preset.eps, preset.autoattack, preset.seed, preset.eval_batch, device, log)
+    aa_flags = clean.clone()
+    for name, flags in outcome.flags_after.items():
+        aa_flags = flags & clean
+        attacks[f"AA:{name}"] = Accuracy.from_flags(f"AA:{name}", aa_flags)
+    robust = clean & pgd_flags & aa_flags
+    return Evaluation(
+        clean=Accuracy.from_flags("clean", clean),
+        attacks=attacks,
+        robust=Accuracy.from_flags("robust", robust),
+        warnings=outcome.warnings,
+        duration_s=time.perf_counter() - t0,
+    )

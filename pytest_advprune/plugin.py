@@ -1,0 +1,193 @@
+"""pytest hooks of pytest-advprune; each hook is a few lines that call the engine.
+
+Without ``--advprune-method`` (or ``--advprune-list``) the plugin adds nothing to a run. Heavy
+imports (torch, attacks) happen only when the plugin is active, so ``pytest --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).parent / "conformance" / "test_conformance.py"
+CHECKS = {"test_sparsity": "sparsity", "test_clean_accuracy": "clean", "test_robust_accuracy": "robust"}
+_SESSION = pytest.StashKey["object"]()
+
+_OPTIONS = [
+    # (name, help, default) — every option is also readable from [tool.pytest.ini_options] as advprune_<name>
+    ("method", "method(s) to run: a name, a comma list, or 'all'", None),
+    ("preset", "benchmark preset: smoke, quick (default), cifar10, svhn", "quick"),
+    ("device", "auto (GPU when present), cpu, cuda or cuda:N", "auto"),
+    ("data-dir", "folder with the datasets in torchvision's format (also env ADVPRUNE_DATA_DIR)", None),
+    ("cache-dir", "folder of cached dense/pruned models and evaluations (also env ADVPRUNE_CACHE_DIR; "
+     "default ~/.cache/pytest-advprune)", None),
+    ("report", "markdown report path; the JSON goes beside it (default reports/<preset>.md under rootdir)", None),
+    ("methods-dir", "import every *.py in this folder as method modules", None),
+    ("min-clean", "override the preset's clean-accuracy floor, in percent", None),
+    ("min-robust", "override the preset's robust-accuracy floor, in percent", None),
+    ("sparsity-tol", "override the preset's sparsity tolerance, in percentage points", None),
+]
+
+
+def _opt(config: pytest.Config, name: str):
+    value = config.getoption("advprune_" + name.replace("-", "_"))
+    return value if value is not None else (config.getini("advprune_" + name.replace("-", "_")) or None)
+
+
+def _percent(config: pytest.Config, name: str) -> float | None:
+    raw = _opt(config, name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise pytest.UsageError(f"--advprune-{name}={raw}: not a number; give a percentage such as 50") from None
+    if not 0 <= value <= 100:
+        raise pytest.UsageError(f"--advprune-{name}={raw}: must be a percentage in [0, 100]")
+    return value / 100
+
+
+def _log(config: pytest.Config):
+    """Progress lines on the terminal, shown through output capturing, silent under -q."""
+
+    def log(message: str) -> None:
+        tr = config.pluginmanager.get_plugin("terminalreporter")
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        if tr is None or config.get_verbosity() < 0:
+            return
+        with capman.global_and_fixture_disabled() if capman else _nullcontext():
+            tr.write_line(f"[advprune] {message}")
+
+    return log
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_methods(config: pytest.Config) -> None:
+    from . import registry
+    from .errors import AdvPruneError
+
+    try:
+        registry.load_builtin()
+        if _opt(config, "methods-dir"):
+            registry.load_dir(_opt(config, "methods-dir"))
+    except AdvPruneError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _build_session(config: pytest.Config):
+    from . import presets, registry
+    from .errors import AdvPruneError
+    from .session import AdvPruneSession, RunConfig
+
+    _load_methods(config)
+    cache = _opt(config, "cache-dir") or os.environ.get("ADVPRUNE_CACHE_DIR") or Path.home() / ".cache" / "pytest-advprune"
+    try:
+        preset = presets.get(_opt(config, "preset"))
+        report = _opt(config, "report") or config.rootpath / "reports" / f"{preset.name}.md"
+        run = RunConfig(
+            preset=preset, methods=registry.resolve(_opt(config, "method")), device=_opt(config, "device"),
+            data_dir=_opt(config, "data-dir"), cache_dir=str(cache), report_path=str(report),
+            min_clean=_percent(config, "min-clean"), min_robust=_percent(config, "min-robust"),
+            sparsity_tol=_percent(config, "sparsity-tol"),
+        )
+        return AdvPruneSession(run, _log(config))
+    except AdvPruneError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------- hooks
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("advprune", "adversarial pruning conformance (pytest-advprune)")
+    for name, help_text, default in _OPTIONS:
+        group.addoption(f"--advprune-{name}", dest="advprune_" + name.replace("-", "_"), default=None, help=help_text)
+        parser.addini("advprune_" + name.replace("-", "_"), help_text, default=default)
+    group.addoption("--advprune-list", action="store_true", help="list the registered methods with their taxonomy and exit")
+
+
+def pytest_cmdline_main(config: pytest.Config):
+    if config.getoption("advprune_list"):
+        from . import registry
+
+        _load_methods(config)
+        print(registry.listing())
+        return 0
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "advprune: a conformance test of pytest-advprune")
+    if _opt(config, "method") and not config.getoption("advprune_list"):
+        config.stash[_SESSION] = _build_session(config)
+        if config.args_source != pytest.Config.ArgsSource.ARGS:
+            config.args = [str(SUITE)]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    session = config.stash.get(_SESSION, None)
+    if session is None:
+        return None
+    return [f"advprune: {k}: {v}" for k, v in session.preset.header().items()] + [f"advprune: device: {session.device}"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "advprune_cell" in metafunc.fixturenames:
+        session = metafunc.config.stash.get(_SESSION, None)
+        cells = session.cells() if session is not None else []
+        metafunc.parametrize("advprune_cell", cells, ids=[c.id for c in cells])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Run a cell's checks together, so its (slow) build is followed at once by its verdicts.
+    cell_of = lambda it: getattr(getattr(it, "callspec", None), "params", {}).get("advprune_cell")
+    order = {id(it): i for i, it in enumerate(items)}
+    items.sort(key=lambda it: (cell_of(it) is not None, cell_of(it).id if cell_of(it) else "", order[id(it)]))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    session = item.config.stash.get(_SESSION, None)
+    cell = getattr(getattr(item, "callspec", None), "params", {}).get("advprune_cell")
+    if session is not None and cell is not None and (report.when == "call" or report.skipped):
+        outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
+        session.record(cell, CHECKS[item.originalname], outcome)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    advprune = session.config.stash.get(_SESSION, None)
+    if advprune is not None:
+        session.config.stash[_REPORT] = advprune.finish()
+
+
+_REPORT = pytest.StashKey["object"]()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    paths = config.stash.get(_REPORT, None)
+    if paths:
+        from . import report
+
+        terminalreporter.write_sep("=", "advprune leaderboard")
+        terminalreporter.write_line(report.terminal_summary(report.load(paths[1])))
+        terminalreporter.write_line(f"report: {paths[0]} (JSON: {paths[1]})")
+
+
+@pytest.fixture(scope="session")
+def advprune_session(request: pytest.FixtureRequest):
+    """The run's :class:`~pytest_advprune.session.AdvPruneSession` (only with --advprune-method)."""
+    session = request.config.stash.get(_SESSION, None)
+    if session is None:
+        pytest.skip("pytest-advprune is inactive: pass --advprune-method=NAME")
+    return session

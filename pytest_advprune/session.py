@@ -1,0 +1,329 @@
+"""One conformance run, without pytest: cells, the dense model, pruning, evaluation, verdicts.
+
+Flow of a cell (method, dataset, arch, structure, sparsity %):
+  dense model (cached per preset/arch/seed/engine version) -> method.prune (cached per cell,
+  preset, method source) -> measure sparsity -> evaluate (cached per pruned model and protocol)
+  -> verdicts. The plugin turns verdicts into test outcomes and calls :meth:`record`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import inspect
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import __version__, data, models, registry, report
+from .cache import Cache, digest
+from .errors import BadOption, NonFiniteModel
+from .evaluate import Evaluation, check_finite, evaluate
+from .presets import Preset
+from .sparsity import SparsityReport, measure
+from .training import TrainSpec, adversarial_train
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """The unit of caching, testing and reporting. ``sparsity`` in percent (0 for ``dense``)."""
+
+    method: str
+    dataset: str
+    arch: str
+    structure: str
+    sparsity: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}-{self.dataset}-{self.arch}-{self.structure}-{self.sparsity}"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, resolved from options. Floors overrides are fractions or None."""
+
+    preset: Preset
+    methods: list[str]
+    device: str = "auto"
+    data_dir: str | None = None
+    cache_dir: str = ".advprune-cache"
+    report_path: str | None = None
+    min_clean: float | None = None
+    min_robust: float | None = None
+    sparsity_tol: float | None = None
+
+    def torch_device(self) -> torch.device:
+        """Resolve ``auto``/``cpu``/``cuda``/``cuda:N``; raises :class:`BadOption` if CUDA is asked for but absent."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise BadOption(f"--advprune-device={self.device}: no CUDA device here; use --advprune-device=cpu or auto")
+            dev = torch.device(self.device)
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise BadOption(f"--advprune-device={self.device}: only {torch.cuda.device_count()} CUDA device(s)")
+            return dev
+        if self.device == "cpu":
+            return torch.device("cpu")
+        raise BadOption(f"--advprune-device={self.device}: use auto, cpu, cuda or cuda:N")
+
+    def report_md(self) -> Path:
+        return Path(self.report_path) if self.report_path else Path("reports") / f"{self.preset.name}.md"
+
+
+@dataclass
+class PruneContext:
+    """What a method's ``prune`` receives.
+
+    ``dense`` is a private copy of the adversarially pretrained dense model (on ``device``);
+    ``sparsity`` the target as a fraction; ``x_train``/``y_train`` the training split;
+    ``preset.prune_train`` / ``preset.finetune`` the phase budgets. :meth:`train` runs the shared
+    adversarial training loop with this run's seed, device and progress log.
+    """
+
+    dense: nn.Module
+    structure: str
+    sparsity: float
+    preset: Preset
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    device: torch.device
+    seed: int
+    log: Callable[[str], None]
+
+    def train(self, model: nn.Module, spec: TrainSpec, desc: str, **kwargs) -> list[float]:
+        return adversarial_train(
+            model, self.x_train, self.y_train, spec, seed=self.seed, device=self.device, log=self.log, desc=desc, **kwargs
+        )
+
+
+@dataclass
+class Verdict:
+    """Outcome of one conformance check: ``passed`` True/False, or None when not applicable (skip)."""
+
+    passed: bool | None
+    message: str
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    sparsity: SparsityReport | None
+    evaluation: Evaluation | None
+    duration_s: float
+    skip_reason: str | None = None
+    error: str | None = None
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    """Versions that affect results: python, torch, torchvision, pyautoattack, this package."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "pytest-advprune": __version__, "torch": torch.__version__}
+    for pkg in ("torchvision", "pyautoattack"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _source_digest(cls: type) -> str:
+    try:
+        src = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError):
+        src = cls.__qualname__
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+class AdvPruneSession:
+    """Builds each cell once, keeps results, writes the report. Knows nothing of pytest."""
+
+    def __init__(self, config: RunConfig, log: Callable[[str], None] = lambda s: None):
+        self.config = config
+        self.preset = config.preset
+        self.log = log
+        self.device = config.torch_device()
+        self.cache = Cache(config.cache_dir, log)
+        self._results: dict[Cell, CellResult] = {}
+        self._data: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dense: dict[str, nn.Module] = {}
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+
+    # ---------------------------------------------------------------- grid
+
+    def cells(self) -> list[Cell]:
+        """Every cell of the selected methods on the preset's grid, structured cells included even
+        for methods without structured support (those are skipped with the reason)."""
+        out = []
+        p = self.preset
+        for name in self.config.methods:
+            cls = registry.get(name)
+            for arch in p.archs:
+                if "dense" in cls.structures:
+                    out.append(Cell(name, p.dataset, arch, "dense", 0))
+                    continue
+                out += [Cell(name, p.dataset, arch, "weights", s) for s in p.weights_sparsities]
+                structured = next((s for s in cls.structures if s in ("filters", "channels")), "filters")
+                out += [Cell(name, p.dataset, arch, structured, s) for s in p.structured_sparsities]
+        return out
+
+    def skip_reason(self, cell: Cell) -> str | None:
+        cls = registry.get(cell.method)
+        if cell.structure != "dense" and cell.structure not in cls.structures:
+            return f"{cell.method} does not support {cell.structure} pruning (supports: {', '.join(cls.structures)})"
+        if self.preset.needs_gpu and self.device.type != "cuda":
+            return f"preset {self.preset.name} needs a GPU (protocol of the survey); run it with --advprune-device=cuda"
+        return None
+
+    def floors(self, cell: Cell) -> tuple[float, float, float]:
+        """``(sparsity tolerance, min clean, min robust)`` for ``cell``, CLI overrides applied."""
+        clean, robust = self.preset.floors.for_cell(cell.structure, cell.sparsity)
+        c = self.config
+        return (
+            self.preset.floors.sparsity_tol if c.sparsity_tol is None else c.sparsity_tol,
+            clean if c.min_clean is None else c.min_clean,
+            robust if c.min_robust is None else c.min_robust,
+        )
+
+    # ---------------------------------------------------------------- building
+
+    def _split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if train not in self._data:
+            p = self.preset
+            limit = p.n_train if train else p.n_eval
+            self._data[train] = data.load(p.dataset, train, self.config.data_dir, Path(self.config.cache_dir) / "data", limit)
+        return self._data[train]
+
+    def dense_model(self, arch: str) -> nn.Module:
+        """The preset's adversarially pretrained dense model for ``arch`` (trained once, then cached)."""
+        if arch in self._dense:
+            return self._dense[arch]
+        p = self.preset
+        key = digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch})
+
+        def build():
+            x, y = self._split(True)
+            model = models.build(arch, p.dataset, p.seed)
+            t0 = time.perf_counter()
+            self.log(f"training the dense {arch} on {p.dataset} ({p.dense_train.label()}); cached afterwards")
+            adversarial_train(model, x, y, p.dense_train, seed=p.seed, device=self.device, log=self.log, desc=f"dense {arch}")
+            check_finite(model)
+            return model.state_dict(), {"train_s": time.perf_counter() - t0, "device": str(self.device)}
+
+        state, _, _ = self.cache.state("dense", key, build)
+        model = models.build(arch, p.dataset, p.seed)
+        model.load_state_dict(state, strict=True)
+        self._dense[arch] = model.to(self.device).eval()
+        return self._dense[arch]
+
+    def _pruned(self, cell: Cell) -> tuple[nn.Module, dict]:
+        p = self.preset
+        cls = registry.get(cell.method)
+        key = digest({
+            "kind": "pruned", "cell": cell.id, "method_source": _source_digest(cls),
+            "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train", "prune_train", "finetune"),
+        })
+
+        def build():
+            dense = self.dense_model(cell.arch)
+            if cell.structure == "dense":
+                return dense.state_dict(), {"prune_s": 0.0}
+            x, y = self._split(True)
+            ctx = PruneContext(
+                copy.deepcopy(dense), cell.structure, cell.sparsity / 100, p, x, y, self.device, p.seed,
+                lambda s: self.log(f"[{cell.id}] {s}"),
+            )
+            t0 = time.perf_counter()
+            pruned = cls().prune(ctx)
+            check_finite(pruned)
+            return pruned.state_dict(), {"prune_s": time.perf_counter() - t0}
+
+        state, meta, _ = self.cache.state("pruned", key, build)
+        model = models.build(cell.arch, p.dataset, p.seed)
+        model.load_state_dict(state, strict=True)
+        return model.to(self.device).eval(), meta
+
+    def result(self, cell: Cell) -> CellResult:
+        """Build (once) and return the cell's result; errors are kept on the result, not raised."""
+        if cell in self._results:
+            return self._results[cell]
+        t0 = time.perf_counter()
+        reason = self.skip_reason(cell)
+        if reason:
+            res = CellResult(cell, None, None, 0.0, skip_reason=reason)
+        else:
+            try:
+                model, meta = self._pruned(cell)
+                sp = measure(model, cell.structure)
+                x, y = self._split(False)
+                ekey = digest({"kind": "eval", "model": hashlib.sha256(
+                    b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest(),
+                    "protocol": self.preset.fingerprint("dataset", "n_eval", "eps", "seed", "autoattack", "pgd_steps")})
+                payload, _ = self.cache.json(
+                    "eval", ekey, lambda: evaluate(model, x, y, self.preset, self.device, lambda s: self.log(f"[{cell.id}] {s}")).to_dict()
+                )
+                res = CellResult(cell, sp, Evaluation.from_dict(payload), time.perf_counter() - t0 + meta.get("prune_s", 0.0))
+            except (NonFiniteModel, FloatingPointError) as exc:
+                res = CellResult(cell, None, None, time.perf_counter() - t0, error=str(exc))
+        self._results[cell] = res
+        return res
+
+    # ---------------------------------------------------------------- verdicts
+
+    def check(self, cell: Cell, kind: str) -> Verdict:
+        """Verdict of ``kind`` in ``sparsity``/``clean``/``robust`` for ``cell``."""
+        res = self.result(cell)
+        if res.skip_reason:
+            return Verdict(None, res.skip_reason)
+        if res.error:
+            return Verdict(False, res.error)
+        tol, min_clean, min_robust = self.floors(cell)
+        ev = res.evaluation
+        if kind == "sparsity":
+            if cell.structure == "dense":
+                return Verdict(None, "not applicable: the dense reference model is not pruned")
+            target = cell.sparsity / 100
+            got = res.sparsity.sparsity
+            ok = got >= target - tol
+            return Verdict(ok, f"{cell.structure} sparsity {got:.2%} vs target {target:.0%} (tolerance {tol:.2%}); "
+                               f"weight sparsity {res.sparsity.weight_sparsity:.2%}")
+        if kind == "clean":
+            a = ev.clean
+            return Verdict(a.acc >= min_clean, f"clean accuracy {a.acc:.2%} (95% CI {a.ci95[0]:.1%}-{a.ci95[1]:.1%}, "
+                                               f"n={a.n}) vs floor {min_clean:.0%}")
+        if kind == "robust":
+            a = ev.robust
+            per = ", ".join(f"{k} {v.acc:.1%}" for k, v in ev.attacks.items())
+            return Verdict(a.acc >= min_robust, f"robust accuracy {a.acc:.2%} (95% CI {a.ci95[0]:.1%}-{a.ci95[1]:.1%}, "
+                                                f"n={a.n}; {per}) vs floor {min_robust:.0%}")
+        raise ValueError(f"unknown check {kind!r}")
+
+    def record(self, cell: Cell, kind: str, outcome: str) -> None:
+        """Remember a test outcome (``passed``/``failed``/``skipped``) for the report."""
+        self.result(cell).outcomes[kind] = outcome
+
+    # ---------------------------------------------------------------- reporting
+
+    def records(self) -> list[dict]:
+        out = []
+        vers = versions()
+        for cell, res in sorted(self._results.items()):
+            out.append(report.make_record(cell, res, self, vers))
+        return out
+
+    def finish(self) -> tuple[Path, Path] | None:
+        """Merge this run's cells into the report files; returns their paths, or None if nothing ran."""
+        recs = [r for r in self.records() if r["status"] != "not run"]
+        if not recs:
+            return None
+        return report.write(self.config.report_md(), recs, self)

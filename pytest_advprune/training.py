@@ -1,0 +1,130 @@
+"""Adversarial training loops shared by every method, deterministic under a seed.
+
+Losses (``TrainSpec.loss``):
+* ``pgd`` — PGD adversarial training, min E[max CE] (Madry et al., ICLR 2018); with one step of
+  size 1.25*eps and a random start it is FGSM-RS "fast" adversarial training (Wong et al., ICLR 2020).
+* ``trades`` — CE(f(x), y) + beta * KL(p(x) || p(x')) (Zhang et al., ICML 2019, eq. 5), beta = 6.
+
+SGD with momentum, cosine learning-rate decay per step, inputs as in-memory tensors (no
+DataLoader workers). Adversarial examples are generated with the model in eval mode, so
+BatchNorm statistics are updated only by the training forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .attacks import pgd, trades_example
+from .sparsity import Masks, MaskEnforcer
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training phase's budget and loss. ``epochs`` may be fractional (passes over the data);
+    ``eps`` in [0, 1] pixel scale; ``step_size`` of the inner attack as a multiple of eps."""
+
+    epochs: float
+    lr: float
+    batch_size: int = 128
+    eps: float = 0.1
+    attack_steps: int = 1
+    step_size: float = 1.25
+    loss: str = "pgd"
+    beta: float = 6.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def with_(self, **changes) -> "TrainSpec":
+        return replace(self, **changes)
+
+    def label(self) -> str:
+        kind = "FGSM-RS" if self.attack_steps == 1 and self.loss == "pgd" else f"{self.loss.upper()}-{self.attack_steps}"
+        return f"{kind} {self.epochs:g} ep, lr {self.lr:g}, bs {self.batch_size}"
+
+
+def _robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    alpha = spec.step_size * spec.eps
+    if spec.loss == "pgd":
+        x_adv = pgd(model, x, y, spec.eps, alpha, spec.attack_steps, random_start=True)
+        model.train(was_training)
+        return F.cross_entropy(model(x_adv), y)
+    if spec.loss == "trades":
+        x_adv = trades_example(model, x, spec.eps, alpha, spec.attack_steps)
+        model.train(was_training)
+        logits = model(x)
+        kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        return F.cross_entropy(logits, y) + spec.beta * kl
+    raise ValueError(f"unknown training loss {spec.loss!r}; use 'pgd' or 'trades'")
+
+
+def adversarial_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: TrainSpec,
+    *,
+    seed: int,
+    device: torch.device,
+    params: Iterable[nn.Parameter] | None = None,
+    masks: Masks | None = None,
+    log: Callable[[str], None] = lambda s: None,
+    desc: str = "train",
+) -> list[float]:
+    """Train ``model`` in place with the adversarial loss of ``spec`` on ``(x, y)``.
+
+    ``params`` (default: every parameter with ``requires_grad``) are the ones optimised, so a
+    method can train only scores or only weights. ``masks`` keep pruned weights exactly zero
+    through every step (see :class:`~pytest_advprune.sparsity.MaskEnforcer`). ``x`` is
+    ``[N, C, H, W]`` in [0, 1]. Returns the mean loss of every epoch; logs one line per epoch.
+    Raises FloatingPointError if the loss becomes NaN or inf.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    n = len(x)
+    steps_per_epoch = math.ceil(n / spec.batch_size)
+    total_steps = max(1, math.ceil(spec.epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    enforcer = MaskEnforcer(opt, model, masks) if masks else None
+    model.to(device).train()
+    epoch_losses: list[float] = []
+    step, epoch = 0, 0
+    t0 = time.perf_counter()
+    try:
+        while step < total_steps:
+            order = torch.randperm(n, generator=gen)
+            running, count = torch.zeros((), device=device), 0
+            for i in range(0, n, spec.batch_size):
+                if step >= total_steps:
+                    break
+                idx = order[i : i + spec.batch_size]
+                xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+                loss = _robust_loss(model, xb, yb, spec)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                running += loss.detach()
+                count += 1
+                step += 1
+            epoch += 1
+            mean = float(running) / max(count, 1)
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"{desc}: training loss became {mean} in epoch {epoch}; lower the learning rate")
+            epoch_losses.append(mean)
+            log(f"{desc}: epoch {epoch}/{math.ceil(spec.epochs)} loss {mean:.4f} ({time.perf_counter() - t0:.0f}s)")
+    finally:
+        if enforcer is not None:
+            enforcer.remove()
+    model.eval()
+    return epoch_losses
