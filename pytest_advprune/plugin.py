@@ -147,18 +147,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("advprune_cell", cells, ids=[c.id for c in cells])
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Run a cell's checks together, so its (slow) build is followed at once by its verdicts.
-    cell_of = lambda it: getattr(getattr(it, "callspec", None), "params", {}).get("advprune_cell")
+def _cell_of(item: pytest.Item):
+    return getattr(getattr(item, "callspec", None), "params", {}).get("advprune_cell")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A cell's checks run together (its slow build is followed at once by its verdicts) and,
+    # under pytest-xdist's --dist loadgroup, on one worker.
     order = {id(it): i for i, it in enumerate(items)}
-    items.sort(key=lambda it: (cell_of(it) is not None, cell_of(it).id if cell_of(it) else "", order[id(it)]))
+    items.sort(key=lambda it: (_cell_of(it) is not None, _cell_of(it).id if _cell_of(it) else "", order[id(it)]))
+    for it in items if config.pluginmanager.hasplugin("xdist") else ():
+        if _cell_of(it) is not None:
+            it.add_marker(pytest.mark.xdist_group(_cell_of(it).id))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     session = item.config.stash.get(_SESSION, None)
-    cell = getattr(getattr(item, "callspec", None), "params", {}).get("advprune_cell")
+    cell = _cell_of(item)
     if session is not None and cell is not None and (report.when == "call" or report.skipped):
         outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
         session.record(cell, CHECKS[item.originalname], outcome)

@@ -15,6 +15,7 @@ import inspect
 import platform
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ from torch import nn
 
 from . import __version__, data, models, registry, report
 from .cache import Cache, digest
-from .errors import BadOption, NonFiniteModel
+from .errors import AdvPruneError, BadOption
 from .evaluate import Evaluation, check_finite, evaluate
 from .presets import Preset
 from .sparsity import SparsityReport, measure
@@ -122,6 +123,7 @@ class CellResult:
     skip_reason: str | None = None
     error: str | None = None
     outcomes: dict[str, str] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)
 
 
 def versions() -> dict[str, str]:
@@ -253,36 +255,49 @@ class AdvPruneSession:
         model.load_state_dict(state, strict=True)
         return model.to(self.device).eval(), meta
 
-    def result(self, cell: Cell) -> CellResult:
-        """Build (once) and return the cell's result; errors are kept on the result, not raised."""
-        if cell in self._results:
-            return self._results[cell]
-        t0 = time.perf_counter()
-        reason = self.skip_reason(cell)
-        if reason:
-            res = CellResult(cell, None, None, 0.0, skip_reason=reason)
-        else:
-            try:
-                model, meta = self._pruned(cell)
-                sp = measure(model, cell.structure)
-                x, y = self._split(False)
-                ekey = digest({"kind": "eval", "model": hashlib.sha256(
-                    b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest(),
-                    "protocol": self.preset.fingerprint("dataset", "n_eval", "eps", "seed", "autoattack", "pgd_steps")})
-                payload, _ = self.cache.json(
-                    "eval", ekey, lambda: evaluate(model, x, y, self.preset, self.device, lambda s: self.log(f"[{cell.id}] {s}")).to_dict()
-                )
-                res = CellResult(cell, sp, Evaluation.from_dict(payload), time.perf_counter() - t0 + meta.get("prune_s", 0.0))
-            except (NonFiniteModel, FloatingPointError) as exc:
-                res = CellResult(cell, None, None, time.perf_counter() - t0, error=str(exc))
-        self._results[cell] = res
+    def result(self, cell: Cell, evaluated: bool = True) -> CellResult:
+        """Build (once) and return the cell's result; the evaluation only when ``evaluated``
+        (a sparsity check alone needs no attacks). Errors are kept on the result, not raised."""
+        res = self._results.get(cell)
+        if res is None:
+            reason = self.skip_reason(cell)
+            res = self._results[cell] = CellResult(cell, None, None, 0.0, skip_reason=reason)
+            if not reason:
+                self._guard(res, lambda: self._build_pruned(res))
+        if evaluated and res.evaluation is None and not (res.skip_reason or res.error):
+            self._guard(res, lambda: self._build_evaluation(res))
         return res
+
+    def _guard(self, res: CellResult, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except (AdvPruneError, FloatingPointError) as exc:
+            res.error = str(exc)
+        except Exception as exc:  # a method's own bug: keep it on the cell, with where it happened
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            res.error = f"{type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
+
+    def _build_pruned(self, res: CellResult) -> None:
+        model, meta = self._pruned(res.cell)
+        res.model = model
+        res.sparsity = measure(model, res.cell.structure)
+        res.duration_s = meta.get("prune_s", 0.0)
+
+    def _build_evaluation(self, res: CellResult) -> None:
+        x, y = self._split(False)
+        weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in res.model.state_dict().values()))
+        key = digest({"kind": "eval", "model": weights.hexdigest(),
+                      "protocol": self.preset.fingerprint("dataset", "n_eval", "eps", "seed", "autoattack", "pgd_steps")})
+        log = lambda s: self.log(f"[{res.cell.id}] {s}")
+        payload, _ = self.cache.json("eval", key, lambda: evaluate(res.model, x, y, self.preset, self.device, log).to_dict())
+        res.evaluation = Evaluation.from_dict(payload)
+        res.duration_s += res.evaluation.duration_s
 
     # ---------------------------------------------------------------- verdicts
 
     def check(self, cell: Cell, kind: str) -> Verdict:
         """Verdict of ``kind`` in ``sparsity``/``clean``/``robust`` for ``cell``."""
-        res = self.result(cell)
+        res = self.result(cell, evaluated=kind != "sparsity")
         if res.skip_reason:
             return Verdict(None, res.skip_reason)
         if res.error:
@@ -310,7 +325,7 @@ class AdvPruneSession:
 
     def record(self, cell: Cell, kind: str, outcome: str) -> None:
         """Remember a test outcome (``passed``/``failed``/``skipped``) for the report."""
-        self.result(cell).outcomes[kind] = outcome
+        self.result(cell, evaluated=False).outcomes[kind] = outcome
 
     # ---------------------------------------------------------------- reporting
 
