@@ -53,7 +53,7 @@ def trades_example(model: nn.Module, x: torch.Tensor, eps: float, step_size: flo
     x = x.detach()
     with torch.no_grad():
         p_clean = F.softmax(model(x), dim=1)
-    x_adv = (x + 0.001 * torch.randn_like(x)).clamp_(0, 1).requires_grad_(True)
+    x_adv = torch.min(torch.max(x + 0.001 * torch.randn_like(x), x - eps), x + eps).clamp_(0, 1).requires_grad_(True)
     for _ in range(steps):
         loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x_adv)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from filelock import FileLock
+
+from .files import atomic_write_bytes
 
 # Bump when training/pruning/evaluation code changes results, so old cache entries are not reused.
 ENGINE_VERSION = "1"
@@ -27,23 +28,8 @@ ENGINE_VERSION = "1"
 
 def digest(description: dict[str, Any]) -> str:
     """Cache key: sha256 (hex, 24 chars) of the canonical JSON of ``description``."""
-    blob = json.dumps({"engine": ENGINE_VERSION, **description}, sort_keys=True, default=str)
+    blob = json.dumps({"engine": ENGINE_VERSION, "description": description}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Cache:

@@ -18,6 +18,7 @@ import io
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,15 @@ def read_idx(path: Path) -> np.ndarray:
     """
     raw = path.read_bytes()
     if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise ValueError(f"{path}: truncated or corrupt gzip file ({exc})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path}: not a uint8 idx file")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes for {ndim} dimensions)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     payload = raw[4 + 4 * ndim :]
     if len(payload) != int(np.prod(dims)):
@@ -112,6 +118,12 @@ def _load_fmnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor] |
 # ---------------------------------------------------------------- CIFAR-10 (python pickle batches)
 
 
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refusing a codec call other than latin1 from a dataset file")
+    return text.encode("latin1")
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler for CIFAR's batch files that refuses anything but numpy arrays and builtins.
 
@@ -126,9 +138,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # arrays pickled with protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes at protocol 2
+            return _latin1_encode
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")

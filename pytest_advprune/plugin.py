@@ -18,7 +18,7 @@ _SESSION = pytest.StashKey["object"]()
 _OPTIONS = [
     # (name, help, default) — every option is also readable from [tool.pytest.ini_options] as advprune_<name>
     ("method", "method(s) to run: a name, a comma list, or 'all'", None),
-    ("preset", "benchmark preset: smoke, quick (default), cifar10, svhn", "quick"),
+    ("preset", "benchmark preset: smoke, quick (default), cifar10, svhn", None),
     ("device", "auto (GPU when present), cpu, cuda or cuda:N", "auto"),
     ("data-dir", "folder with the datasets in torchvision's format (also env ADVPRUNE_DATA_DIR)", None),
     ("cache-dir", "folder of cached dense/pruned models and evaluations (also env ADVPRUNE_CACHE_DIR; "
@@ -28,7 +28,16 @@ _OPTIONS = [
     ("min-clean", "override the preset's clean-accuracy floor, in percent", None),
     ("min-robust", "override the preset's robust-accuracy floor, in percent", None),
     ("sparsity-tol", "override the preset's sparsity tolerance, in percentage points", None),
+    ("checkpoint", "evaluate this pruned checkpoint (state_dict .pt/.pth or .safetensors) as one cell", None),
+    ("arch", "checkpoint architecture: cnn, resnet18, vgg16, or path/to/file.py:ClassName", None),
+    ("dataset", "checkpoint dataset: fashion_mnist, cifar10, svhn (picks the preset of that dataset)", None),
+    ("structure", "checkpoint structure: weights, filters or channels", "weights"),
+    ("sparsity", "checkpoint target sparsity in percent (also the k of HYDRA-style score layers)", None),
+    ("name", "row name of the checkpoint in the report", "checkpoint"),
+    ("normalization", "'model' if the checkpoint's model normalises inputs itself, 'dataset' if it expects "
+     "inputs normalised with the dataset mean/std", "model"),
 ]
+_DATASET_PRESET = {"fashion_mnist": "quick", "cifar10": "cifar10", "svhn": "svhn"}
 
 
 def _opt(config: pytest.Config, name: str):
@@ -91,10 +100,16 @@ def _build_session(config: pytest.Config):
     _load_methods(config)
     cache = _opt(config, "cache-dir") or os.environ.get("ADVPRUNE_CACHE_DIR") or Path.home() / ".cache" / "pytest-advprune"
     try:
-        preset = presets.get(_opt(config, "preset"))
+        checkpoint = _checkpoint_spec(config)
+        default = _DATASET_PRESET[checkpoint.dataset] if checkpoint else "quick"
+        preset = presets.get(_opt(config, "preset") or default)
+        if checkpoint and checkpoint.dataset != preset.dataset:
+            raise pytest.UsageError(f"--advprune-dataset={checkpoint.dataset} does not match preset {preset.name} "
+                                    f"({preset.dataset}); use --advprune-preset={default}")
         report = _opt(config, "report") or config.rootpath / "reports" / f"{preset.name}.md"
         run = RunConfig(
-            preset=preset, methods=registry.resolve(_opt(config, "method")), device=_opt(config, "device"),
+            preset=preset, methods=[] if checkpoint else registry.resolve(_opt(config, "method")),
+            checkpoint=checkpoint, device=_opt(config, "device"),
             data_dir=_opt(config, "data-dir"), cache_dir=str(cache), report_path=str(report),
             min_clean=_percent(config, "min-clean"), min_robust=_percent(config, "min-robust"),
             sparsity_tol=_percent(config, "sparsity-tol"),
@@ -102,6 +117,30 @@ def _build_session(config: pytest.Config):
         return AdvPruneSession(run, _log(config))
     except AdvPruneError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def _checkpoint_spec(config: pytest.Config):
+    from .data import DATASETS
+    from .models import ARCHITECTURES
+    from .session import CheckpointSpec
+
+    path = _opt(config, "checkpoint")
+    if not path:
+        return None
+    arch, dataset, sparsity = _opt(config, "arch"), _opt(config, "dataset"), _opt(config, "sparsity")
+    structure, normalization = _opt(config, "structure"), _opt(config, "normalization")
+    if not arch or not (arch in ARCHITECTURES or ":" in arch):
+        raise pytest.UsageError(f"--advprune-checkpoint needs --advprune-arch: one of {', '.join(ARCHITECTURES)} "
+                                f"or path/to/file.py:ClassName")
+    if dataset not in DATASETS:
+        raise pytest.UsageError(f"--advprune-checkpoint needs --advprune-dataset: one of {', '.join(DATASETS)}")
+    if structure not in ("weights", "filters", "channels"):
+        raise pytest.UsageError(f"--advprune-structure={structure}: use weights, filters or channels")
+    if normalization not in ("model", "dataset"):
+        raise pytest.UsageError(f"--advprune-normalization={normalization}: use model or dataset")
+    if sparsity is None or not sparsity.isdigit() or not 0 < int(sparsity) < 100:
+        raise pytest.UsageError(f"--advprune-sparsity={sparsity}: give the claimed sparsity as a percentage, e.g. 90")
+    return CheckpointSpec(path, arch, dataset, structure, int(sparsity), _opt(config, "name"), normalization)
 
 
 # ---------------------------------------------------------------------------------- hooks
@@ -113,6 +152,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(f"--advprune-{name}", dest="advprune_" + name.replace("-", "_"), default=None, help=help_text)
         parser.addini("advprune_" + name.replace("-", "_"), help_text, default=default)
     group.addoption("--advprune-list", action="store_true", help="list the registered methods with their taxonomy and exit")
+    from .report import add_compare_options
+
+    add_compare_options(group.addoption, "--advprune-")
 
 
 def pytest_cmdline_main(config: pytest.Config):
@@ -127,7 +169,14 @@ def pytest_cmdline_main(config: pytest.Config):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "advprune: a conformance test of pytest-advprune")
-    if _opt(config, "method") and not config.getoption("advprune_list"):
+    if config.getoption("advprune_compare_fail"):
+        from .report import parse_compare_fail
+
+        try:
+            parse_compare_fail(config.getoption("advprune_compare_fail"))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--advprune-compare-fail: {exc}") from None
+    if (_opt(config, "method") or _opt(config, "checkpoint")) and not config.getoption("advprune_list"):
         config.stash[_SESSION] = _build_session(config)
         if config.args_source != pytest.Config.ArgsSource.ARGS:
             config.args = [str(SUITE)]
@@ -176,9 +225,25 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     advprune = session.config.stash.get(_SESSION, None)
     if advprune is not None:
         session.config.stash[_REPORT] = advprune.finish()
+        session.config.stash[_REGRESSIONS] = _regressions(session.config, advprune)
+        if session.config.stash[_REGRESSIONS]:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 _REPORT = pytest.StashKey["object"]()
+_REGRESSIONS = pytest.StashKey["list"]()
+
+
+def _regressions(config: pytest.Config, advprune) -> list:
+    from . import report
+
+    baseline = config.getoption("advprune_compare")
+    if not baseline:
+        return []
+    doc = report.load(Path(baseline))
+    if doc is None:
+        raise pytest.UsageError(f"--advprune-compare={baseline}: no such report JSON")
+    return report.regressions(advprune.records(), doc["records"], report.parse_compare_fail(config.getoption("advprune_compare_fail")))
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -189,6 +254,12 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_sep("=", "advprune leaderboard")
         terminalreporter.write_line(report.terminal_summary(report.load(paths[1])))
         terminalreporter.write_line(f"report: {paths[0]} (JSON: {paths[1]})")
+    rows = config.stash.get(_REGRESSIONS, None)
+    if rows:
+        from . import report
+
+        terminalreporter.write_sep("=", f"advprune: {len(rows)} regression(s) against --advprune-compare", red=True)
+        terminalreporter.write_line(report.regression_table(rows))
 
 
 @pytest.fixture(scope="session")

@@ -29,12 +29,14 @@ class Floors:
     derivation: str
 
     def for_cell(self, structure: str, sparsity: int) -> tuple[float, float]:
-        """``(min clean, min robust)`` for a cell. Raises KeyError if the preset has no such row."""
+        """``(min clean, min robust)`` for a cell; an off-grid sparsity (an external checkpoint's)
+        takes the row of the nearest grid sparsity of its kind. Raises KeyError for an unknown kind."""
         kind = "structured" if structure in ("filters", "channels") else structure
-        for s, p, clean, robust in self.rows:
-            if s == kind and p == sparsity:
-                return clean, robust
-        raise KeyError(f"no floor for {structure} at {sparsity}%")
+        rows = [r for r in self.rows if r[0] == kind]
+        if not rows:
+            raise KeyError(f"no floor for {structure}")
+        _, _, clean, robust = min(rows, key=lambda r: (abs(r[1] - sparsity), r[1]))
+        return clean, robust
 
 
 @dataclass(frozen=True)

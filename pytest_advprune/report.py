@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 from tabulate import tabulate
 
-from .cache import atomic_write_bytes
+from .files import atomic_write_bytes
 from .published import SURVEY
 
 if TYPE_CHECKING:
@@ -24,6 +26,14 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 _KEY = ("method", "preset", "dataset", "arch", "structure", "target_sparsity")
+
+
+def protocol_id(preset) -> str:
+    """Identifies everything that makes two records comparable: the preset's protocol fields and
+    the engine version. Records with different ids are never merged into one leaderboard."""
+    from .cache import ENGINE_VERSION
+
+    return f"{preset.name}-e{ENGINE_VERSION}-{preset.fingerprint()}"
 
 
 def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", versions: dict[str, str]) -> dict[str, Any]:
@@ -47,6 +57,7 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         "structure": cell.structure, "target_sparsity": cell.sparsity / 100,
         "status": status, "passed": {"PASS": True, "FAIL": False, "ERROR": False}.get(status),
         "checks": dict(outcomes), "skip_reason": res.skip_reason, "error": res.error,
+        "protocol": protocol_id(p),
         "seed": p.seed, "device": str(session.device), "duration_s": round(res.duration_s, 2),
         "versions": versions, "date": session.started.isoformat(timespec="seconds"),
     }
@@ -112,12 +123,18 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
             raise ValueError(f"{json_path} holds preset {doc['preset']!r}, not {session.preset.name!r}; "
                              f"pass --advprune-report=reports/{session.preset.name}.md")
         doc["preset"] = session.preset.name
+        stale = [r for r in doc["records"] if r.get("protocol") != protocol_id(session.preset)]
+        if stale:
+            session.log(f"report: dropping {len(stale)} record(s) of an older protocol of preset {session.preset.name}")
+            doc["records"] = [r for r in doc["records"] if r not in stale]
+        doc["protocol"] = protocol_id(session.preset)
         doc["header"] = {**session.preset.header(), "attack choice": session.preset.attack_choice,
                          "floors": session.preset.floors.derivation}
         doc["records"] = merge(doc["records"], records)
         for name in {r["method"] for r in records}:
-            cls = registry.get(name)
-            doc["taxonomy"][name] = cls.taxonomy.row(cls.structures)
+            if name in registry.names():
+                cls = registry.get(name)
+                doc["taxonomy"][name] = cls.taxonomy.row(cls.structures)
         doc["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_bytes(json_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
         atomic_write_bytes(md_path, render_markdown(doc).encode())
@@ -249,3 +266,158 @@ def terminal_summary(doc: dict) -> str:
     for title, table in leaderboard_tables(doc, markdown=False):
         parts += [title, table, ""]
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------- regression gate
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A regression margin: ``metric`` may fall by ``margin`` percentage points (absolute) or, when
+    ``relative``, by ``margin`` percent of the baseline value."""
+
+    metric: str
+    margin: float
+    relative: bool
+
+
+METRICS = {"clean_acc": lambda r: r.get("clean_acc"), "robust_acc": lambda r: (r.get("robust_acc") or {}).get("worst_case"),
+           "sparsity": lambda r: r.get("achieved_sparsity")}
+
+
+def parse_compare_fail(spec: str) -> list[Threshold]:
+    """``"robust_acc:1.0,clean_acc:2%"`` -> thresholds. Raises ValueError with the accepted forms."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        metric, _, value = part.partition(":")
+        if metric not in METRICS or not value:
+            raise ValueError(f"bad compare-fail entry {part!r}; use METRIC:POINTS or METRIC:PERCENT% with METRIC in "
+                             f"{', '.join(METRICS)}, e.g. robust_acc:1.0,clean_acc:2%")
+        relative = value.endswith("%")
+        try:
+            margin = float(value.rstrip("%"))
+        except ValueError:
+            raise ValueError(f"bad compare-fail margin {value!r} in {part!r}; use a number like 1.0 or 2%") from None
+        if margin < 0:
+            raise ValueError(f"compare-fail margin must be >= 0, got {part!r}")
+        out.append(Threshold(metric, margin, relative))
+    return out
+
+
+def regressions(records: list[dict], baseline: list[dict], thresholds: list[Threshold]) -> list[list]:
+    """Rows ``[cell, metric, baseline %, ours %, allowed drop]`` for every cell of ``records`` that falls
+    below its ``baseline`` record by more than the threshold. Cells absent from the baseline are new, not regressions."""
+    base = {_key(r): r for r in baseline}
+    rows = []
+    for rec in records:
+        old = base.get(_key(rec))
+        if old is None:
+            continue
+        for t in thresholds:
+            ours, theirs = METRICS[t.metric](rec), METRICS[t.metric](old)
+            if ours is None or theirs is None:
+                continue
+            allowed = theirs * t.margin / 100 if t.relative else t.margin / 100
+            if ours < theirs - allowed - 1e-12:
+                cell = f"{rec['method']}-{rec['dataset']}-{rec['arch']}-{rec['structure']}-{round(100 * rec['target_sparsity'])}"
+                rows.append([cell, t.metric, f"{100 * theirs:.1f}", f"{100 * ours:.1f}", f"{100 * allowed:.2f}"])
+    return rows
+
+
+def regression_table(rows: list[list]) -> str:
+    return tabulate(rows, ["cell", "metric", "baseline %", "now %", "allowed drop (points)"], tablefmt="github")
+
+
+def add_compare_options(add, prefix: str) -> None:
+    """Declare the compare options on ``add`` (pytest's ``group.addoption`` or argparse's
+    ``add_argument``) with ``prefix`` (``--advprune-`` or ``--``), so both front ends agree."""
+    add(f"{prefix}compare", dest="advprune_compare", default=None, metavar="PATH.json",
+        help="baseline report JSON (e.g. the committed reports/quick.json) to compare every cell against")
+    add(f"{prefix}compare-fail", dest="advprune_compare_fail", default="robust_acc:1.0,clean_acc:2%",
+        metavar="SPEC", help="allowed drop per metric: METRIC:POINTS or METRIC:PERCENT%%, comma separated "
+        "(metrics: clean_acc, robust_acc, sparsity; default robust_acc:1.0,clean_acc:2%%)")
+
+
+# ------------------------------------------------------------------------- merge CLI
+
+
+class MergeError(ValueError):
+    """Records that cannot share a leaderboard (different preset or protocol)."""
+
+
+def merge_documents(docs: list[dict]) -> dict:
+    """One report document from several (later documents win per cell). Raises :class:`MergeError`
+    if they hold different presets or protocol versions."""
+    presets = {d.get("preset") for d in docs}
+    protocols = {r.get("protocol") for d in docs for r in d["records"]}
+    if len(presets) > 1:
+        raise MergeError(f"refusing to merge reports of different presets: {', '.join(sorted(map(str, presets)))}")
+    if len(protocols) > 1:
+        raise MergeError(f"refusing to merge records of different protocol versions: {', '.join(sorted(map(str, protocols)))}")
+    out = {"schema": SCHEMA, "preset": docs[0]["preset"], "header": docs[-1].get("header", {}), "records": [],
+           "taxonomy": {}, "protocol": next(iter(protocols), None)}
+    for d in docs:
+        out["records"] = merge(out["records"], d["records"])
+        out["taxonomy"].update(d.get("taxonomy", {}))
+    out["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return out
+
+
+def diff_markdown(old: dict | None, new: dict) -> str:
+    """What changed between two report documents, as a markdown table (usable as a PR comment)."""
+    before = {_key(r): r for r in (old or {"records": []})["records"]}
+    rows = []
+    for rec in new["records"]:
+        prev = before.pop(_key(rec), None)
+        now = f"{_pct(rec.get('clean_acc'))} / {_pct((rec.get('robust_acc') or {}).get('worst_case'))} {rec['status']}"
+        was = None if prev is None else \
+            f"{_pct(prev.get('clean_acc'))} / {_pct((prev.get('robust_acc') or {}).get('worst_case'))} {prev['status']}"
+        if was != now:
+            rows.append(["-".join(str(v) for v in _key(rec)), was or "new", now])
+    rows += [["-".join(str(v) for v in k), "-", "removed"] for k in before]
+    if not rows:
+        return "No change against the committed leaderboard."
+    return tabulate(rows, ["cell", "before", "after"], tablefmt="github")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pytest_advprune.report merge A.json B.json ... -o reports/NAME.md [--compare BASE.json]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pytest_advprune.report")
+    sub = parser.add_subparsers(dest="command", required=True)
+    mg = sub.add_parser("merge", help="merge report JSON files of one preset into one leaderboard")
+    mg.add_argument("inputs", nargs="+", type=Path)
+    mg.add_argument("-o", "--output", type=Path, required=True, help="markdown path; the JSON goes beside it")
+    add_compare_options(mg.add_argument, "--")
+    args = parser.parse_args(argv)
+    docs = []
+    for path in args.inputs:
+        try:
+            docs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            print(f"error: {path}: unreadable report ({exc})", file=sys.stderr)
+            return 2
+    try:
+        merged = merge_documents(docs)
+        thresholds = parse_compare_fail(args.advprune_compare_fail)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    json_path = args.output.with_suffix(".json")
+    previous = json.loads(json_path.read_text()) if json_path.exists() else None
+    print(diff_markdown(previous, merged))
+    status = 0
+    if args.advprune_compare:
+        rows = regressions(merged["records"], json.loads(Path(args.advprune_compare).read_text())["records"], thresholds)
+        if rows:
+            print(regression_table(rows))
+            status = 1
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(json_path, (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(args.output, render_markdown(merged).encode())
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,6 +60,7 @@ class RunConfig:
     min_clean: float | None = None
     min_robust: float | None = None
     sparsity_tol: float | None = None
+    checkpoint: "CheckpointSpec | None" = None
 
     def torch_device(self) -> torch.device:
         """Resolve ``auto``/``cpu``/``cuda``/``cuda:N``; raises :class:`BadOption` if CUDA is asked for but absent."""
@@ -78,6 +79,25 @@ class RunConfig:
 
     def report_md(self) -> Path:
         return Path(self.report_path) if self.report_path else Path("reports") / f"{self.preset.name}.md"
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """An external pruned checkpoint to evaluate as one cell (``--advprune-checkpoint``).
+
+    ``arch``: a registered architecture or ``path/to/file.py:ClassName``; ``sparsity`` the
+    claimed target in percent (the measured sparsity decides the verdict); ``normalization``:
+    ``model`` if the model normalises its inputs itself, ``dataset`` if inputs must be normalised
+    with the dataset's mean/std before it.
+    """
+
+    path: str
+    arch: str
+    dataset: str
+    structure: str
+    sparsity: int
+    name: str = "checkpoint"
+    normalization: str = "model"
 
 
 @dataclass
@@ -147,6 +167,31 @@ def _source_digest(cls: type) -> str:
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
+def load_checkpoint_model(spec: CheckpointSpec, seed: int = 0) -> nn.Module:
+    """The model of an external checkpoint, folded to plain weights with zeros, strictly loaded,
+    in eval mode, float32. Raises :class:`~pytest_advprune.checkpoint.CheckpointError` or
+    :class:`~pytest_advprune.errors.NonFiniteModel` with a one-line message naming the file."""
+    from . import checkpoint as ckpt
+
+    state = ckpt.fold(ckpt.read_state_dict(spec.path), spec.sparsity / 100)
+    ckpt.check_finite_state(state, spec.path)
+    info = data.DATASETS[spec.dataset]
+    if spec.arch in models.ARCHITECTURES:
+        model = models.build(spec.arch, spec.dataset, seed)
+        if "normalize.mean" not in state:  # foreign checkpoint of our architecture: set its normalisation
+            identity = spec.normalization == "model"
+            state["normalize.mean"] = torch.zeros(1, info.channels, 1, 1) if identity else model.normalize.mean.clone()
+            state["normalize.std"] = torch.ones(1, info.channels, 1, 1) if identity else model.normalize.std.clone()
+        ckpt.load_into(model, state, spec.path)
+        return model.float().eval()
+    model = ckpt.user_architecture(spec.arch)()
+    ckpt.load_into(model, state, spec.path)
+    model = ckpt.FirstOutput(model)
+    if spec.normalization == "dataset":
+        model = nn.Sequential(models.Normalize(info.mean, info.std), model)
+    return model.float().eval()
+
+
 class AdvPruneSession:
     """Builds each cell once, keeps results, writes the report. Knows nothing of pytest."""
 
@@ -166,8 +211,11 @@ class AdvPruneSession:
     def cells(self) -> list[Cell]:
         """Every cell of the selected methods on the preset's grid, structured cells included even
         for methods without structured support (those are skipped with the reason)."""
-        out = []
         p = self.preset
+        ck = self.config.checkpoint
+        if ck is not None:
+            return [Cell(ck.name, ck.dataset, ck.arch, ck.structure, ck.sparsity)]
+        out = []
         for name in self.config.methods:
             cls = registry.get(name)
             for arch in p.archs:
@@ -180,6 +228,8 @@ class AdvPruneSession:
         return out
 
     def skip_reason(self, cell: Cell) -> str | None:
+        if self.config.checkpoint is not None:
+            return None
         cls = registry.get(cell.method)
         if cell.structure != "dense" and cell.structure not in cls.structures:
             return f"{cell.method} does not support {cell.structure} pruning (supports: {', '.join(cls.structures)})"
@@ -230,6 +280,8 @@ class AdvPruneSession:
 
     def _pruned(self, cell: Cell) -> tuple[nn.Module, dict]:
         p = self.preset
+        if self.config.checkpoint is not None:
+            return load_checkpoint_model(self.config.checkpoint, p.seed).to(self.device).eval(), {"prune_s": 0.0}
         cls = registry.get(cell.method)
         key = digest({
             "kind": "pruned", "cell": cell.id, "method_source": _source_digest(cls),

@@ -95,8 +95,8 @@ def adversarial_train(
     steps_per_epoch = math.ceil(n / spec.batch_size)
     total_steps = max(1, math.ceil(spec.epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
-    enforcer = MaskEnforcer(opt, model, masks) if masks else None
     model.to(device).train()
+    enforcer = MaskEnforcer(opt, model, masks) if masks else None
     epoch_losses: list[float] = []
     step, epoch = 0, 0
     t0 = time.perf_counter()
