@@ -1,5 +1,6 @@
 """Dense reference: the preset's adversarially trained, unpruned model (the ceiling of every
-table). It has no sparsity to claim, so its sparsity check is reported as not applicable."""
+table), trained as in Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+Attacks", ICLR 2018. It has no sparsity to claim, so its sparsity check is reported as not applicable."""
 
 from pytest_advprune.registry import Criterion, Locality, Method, Pipeline, Schedule, Taxonomy, register
 

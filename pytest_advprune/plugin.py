@@ -95,6 +95,7 @@ def _load_methods(config: pytest.Config) -> None:
 def _build_session(config: pytest.Config):
     from . import presets, registry
     from .errors import AdvPruneError
+    from .report import check_target
     from .session import AdvPruneSession, RunConfig
 
     _load_methods(config)
@@ -107,6 +108,7 @@ def _build_session(config: pytest.Config):
             raise pytest.UsageError(f"--advprune-dataset={checkpoint.dataset} does not match preset {preset.name} "
                                     f"({preset.dataset}); use --advprune-preset={default}")
         report = _opt(config, "report") or config.rootpath / "reports" / f"{preset.name}.md"
+        check_target(Path(report), preset.name)
         run = RunConfig(
             preset=preset, methods=[] if checkpoint else registry.resolve(_opt(config, "method")),
             checkpoint=checkpoint, device=_opt(config, "device"),
@@ -169,13 +171,7 @@ def pytest_cmdline_main(config: pytest.Config):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "advprune: a conformance test of pytest-advprune")
-    if config.getoption("advprune_compare_fail"):
-        from .report import parse_compare_fail
-
-        try:
-            parse_compare_fail(config.getoption("advprune_compare_fail"))
-        except ValueError as exc:
-            raise pytest.UsageError(f"--advprune-compare-fail: {exc}") from None
+    config.stash[_BASELINE] = _compare_baseline(config)
     if (_opt(config, "method") or _opt(config, "checkpoint")) and not config.getoption("advprune_list"):
         config.stash[_SESSION] = _build_session(config)
         if config.args_source != pytest.Config.ArgsSource.ARGS:
@@ -232,18 +228,33 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 _REPORT = pytest.StashKey["object"]()
 _REGRESSIONS = pytest.StashKey["list"]()
+_BASELINE = pytest.StashKey["object"]()
+
+
+def _compare_baseline(config: pytest.Config):
+    """``(baseline records, thresholds)`` from --advprune-compare[-fail], or None; bad values are usage errors."""
+    import json
+
+    from .report import parse_compare_fail
+
+    try:
+        thresholds = parse_compare_fail(config.getoption("advprune_compare_fail"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--advprune-compare-fail: {exc}") from None
+    path = config.getoption("advprune_compare")
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())["records"], thresholds
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise pytest.UsageError(f"--advprune-compare={path}: not a readable report JSON ({exc})") from None
 
 
 def _regressions(config: pytest.Config, advprune) -> list:
     from . import report
 
-    baseline = config.getoption("advprune_compare")
-    if not baseline:
-        return []
-    doc = report.load(Path(baseline))
-    if doc is None:
-        raise pytest.UsageError(f"--advprune-compare={baseline}: no such report JSON")
-    return report.regressions(advprune.records(), doc["records"], report.parse_compare_fail(config.getoption("advprune_compare_fail")))
+    baseline = config.stash.get(_BASELINE, None)
+    return report.regressions(advprune.records(), *baseline) if baseline else []
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

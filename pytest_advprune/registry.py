@@ -170,8 +170,8 @@ def load_dir(path: str | Path) -> list[str]:
         sys.modules[mod_name] = module
         try:
             spec.loader.exec_module(module)
-        except AdvPruneError:
-            raise
+        except AdvPruneError as exc:
+            raise type(exc)(f"{file}: {exc}") from exc
         except Exception as exc:
             raise AdvPruneError(f"{file}: importing the method file failed: {type(exc).__name__}: {exc}") from exc
     return sorted(set(_REGISTRY) - before)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 from tabulate import tabulate
 
+from .errors import AdvPruneError
 from .files import atomic_write_bytes
 from .published import SURVEY
 
@@ -81,6 +82,21 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
     return rec
 
 
+class ReportMismatch(AdvPruneError):
+    """The report file at the target path belongs to another preset."""
+
+
+def check_target(md_path: Path, preset: str) -> None:
+    """Raise :class:`ReportMismatch` if the JSON beside ``md_path`` holds another preset's records."""
+    json_path = Path(md_path).with_suffix(".json")
+    try:
+        held = json.loads(json_path.read_text()).get("preset")
+    except (OSError, ValueError, AttributeError):
+        return  # absent or unreadable: write() creates it or moves it aside
+    if held not in (None, preset):
+        raise ReportMismatch(f"{json_path} holds preset {held!r}, not {preset!r}; pass --advprune-report=reports/{preset}.md")
+
+
 def _key(rec: dict) -> tuple:
     return tuple(rec[k] for k in _KEY)
 
@@ -98,6 +114,10 @@ def load(json_path: Path, log=lambda s: None) -> dict[str, Any] | None:
     except (ValueError, AttributeError) as exc:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         aside = json_path.with_name(f"{json_path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():  # never replace an earlier aside file of the same second
+            aside = json_path.with_name(f"{json_path.name}.corrupt-{stamp}-{n}")
+            n += 1
         json_path.rename(aside)
         log(f"report: {json_path} was unreadable ({exc}); moved it to {aside} and started a new report")
         return None
@@ -120,7 +140,7 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
     with FileLock(str(json_path) + ".lock"):
         doc = load(json_path, session.log) or {"schema": SCHEMA, "records": [], "taxonomy": {}}
         if doc.get("preset") not in (None, session.preset.name):
-            raise ValueError(f"{json_path} holds preset {doc['preset']!r}, not {session.preset.name!r}; "
+            raise ReportMismatch(f"{json_path} holds preset {doc['preset']!r}, not {session.preset.name!r}; "
                              f"pass --advprune-report=reports/{session.preset.name}.md")
         doc["preset"] = session.preset.name
         stale = [r for r in doc["records"] if r.get("protocol") != protocol_id(session.preset)]
@@ -136,8 +156,9 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
                 cls = registry.get(name)
                 doc["taxonomy"][name] = cls.taxonomy.row(cls.structures)
         doc["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        atomic_write_bytes(json_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
-        atomic_write_bytes(md_path, render_markdown(doc).encode())
+        text = json.dumps(doc, indent=1) + "\n"
+        atomic_write_bytes(json_path, text.encode())
+        atomic_write_bytes(md_path, render_markdown(json.loads(text)).encode())  # exactly what the JSON renders to
     return md_path, json_path
 
 
@@ -192,7 +213,7 @@ def leaderboard_tables(doc: dict, markdown: bool = True) -> list[tuple[str, str]
                 body.append(row)
             headers = ["method"] + [f"{a} dense" if s == 0 else f"{a} {s}%" for a, s in cols]
             kind = "unstructured" if structure == "weights" else "structured"
-            out.append((f"{dataset}, {kind} ({structure}): clean / robust accuracy (%)", tabulate(body, headers, tablefmt=fmt)))
+            out.append((f"{dataset}, {kind} ({structure}): clean / robust accuracy (%)", tabulate(body, headers, tablefmt=fmt, disable_numparse=True)))
     return out
 
 
@@ -207,7 +228,7 @@ def _survey_table(doc: dict) -> str | None:
     if not rows:
         return None
     return tabulate(rows, ["method", "arch", "structure", "sparsity", "ours clean / robust", "survey clean / robust"],
-                    tablefmt="github")
+                    tablefmt="github", disable_numparse=True)
 
 
 def _detail_table(doc: dict) -> str:
@@ -227,7 +248,7 @@ def _detail_table(doc: dict) -> str:
                                                                             if r["attack_warnings"] else ""),
         ])
     return tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "time s", "per attack (%)"],
-                    tablefmt="github")
+                    tablefmt="github", disable_numparse=True)
 
 
 def render_markdown(doc: dict) -> str:
@@ -242,7 +263,7 @@ def render_markdown(doc: dict) -> str:
     header["runs"] = f"{dates[0]} to {dates[-1]}" if dates else "-"
     lines = [f"# pytest-advprune report: preset `{doc['preset']}`", "",
              "Generated from the JSON beside this file by pytest-advprune; do not edit by hand.", "",
-             tabulate([[k, v] for k, v in header.items()], ["", ""], tablefmt="github"), ""]
+             tabulate([[k, v] for k, v in header.items()], ["", ""], tablefmt="github", disable_numparse=True), ""]
     for title, table in leaderboard_tables(doc):
         lines += [f"## {title}", "", table, ""]
     lines += ["Cells read `clean / robust` accuracy in percent on the evaluation points; robust is the point-wise "
@@ -256,7 +277,7 @@ def render_markdown(doc: dict) -> str:
     if tax:
         cols = list(next(iter(tax.values())).keys())
         rows = [[m] + [tax[m][c] for c in cols] for m in sorted(tax)]
-        lines += ["## Taxonomy (Piras et al. 2024)", "", tabulate(rows, ["method"] + cols, tablefmt="github"), ""]
+        lines += ["## Taxonomy (Piras et al. 2024)", "", tabulate(rows, ["method"] + cols, tablefmt="github", disable_numparse=True), ""]
     return "\n".join(lines)
 
 
@@ -325,7 +346,7 @@ def regressions(records: list[dict], baseline: list[dict], thresholds: list[Thre
 
 
 def regression_table(rows: list[list]) -> str:
-    return tabulate(rows, ["cell", "metric", "baseline %", "now %", "allowed drop (points)"], tablefmt="github")
+    return tabulate(rows, ["cell", "metric", "baseline %", "now %", "allowed drop (points)"], tablefmt="github", disable_numparse=True)
 
 
 def add_compare_options(add, prefix: str) -> None:
@@ -377,7 +398,7 @@ def diff_markdown(old: dict | None, new: dict) -> str:
     rows += [["-".join(str(v) for v in k), "-", "removed"] for k in before]
     if not rows:
         return "No change against the committed leaderboard."
-    return tabulate(rows, ["cell", "before", "after"], tablefmt="github")
+    return tabulate(rows, ["cell", "before", "after"], tablefmt="github", disable_numparse=True)
 
 
 def main(argv: list[str] | None = None) -> int:
