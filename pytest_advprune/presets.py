@@ -139,17 +139,27 @@ QUICK = Preset(
     floors=Floors(
         sparsity_tol=0.01,
         rows=(
-            ("dense", 0, 0.75, 0.55),
-            ("weights", 90, 0.72, 0.52),
-            ("weights", 95, 0.70, 0.50),
-            ("weights", 99, 0.55, 0.35),
-            ("structured", 50, 0.70, 0.50),
-            ("structured", 75, 0.60, 0.40),
-            ("structured", 90, 0.45, 0.25),
+            ("dense", 0, 0.77, 0.65),
+            ("weights", 90, 0.77, 0.65),
+            ("weights", 95, 0.72, 0.61),
+            ("weights", 99, 0.42, 0.29),
+            ("structured", 50, 0.77, 0.65),
+            ("structured", 75, 0.72, 0.61),
+            ("structured", 90, 0.42, 0.29),
         ),
-        derivation="PENDING",
+        derivation="from this preset's dense model measured at 85.5% clean / 72.3% robust on its 1000 points: "
+        "floor = dense x retention, retention 0.90 (clean) / 0.90 (robust) for the dense model and the lowest "
+        "sparsity (90% weights, 50% structured), 0.85 / 0.85 for the middle one (95%, 75%), 0.50 / 0.40 for the "
+        "highest (99%, 90%), rounded down to whole points. The highest level is low on purpose: a local method at "
+        "99% keeps 1 of the 144 weights of the 1-channel 3x3 stem. A collapsed model scores 11.1% / 11.1% "
+        "(one class) and fails every floor.",
     ),
-    attack_choice="PENDING",
+    attack_choice="APGD-CE (100 it) then APGD-T (100 it, 3 target classes), cascaded as AutoAttack does, on the "
+    "first 1000 test points. Measured on this preset's dense model (1000 points): 72.3% robust vs 72.2% after "
+    "AutoAttack standard's APGD-CE, APGD-T (9 targets) and FAB-T; on a 90% pruned and fine-tuned model (first 500 "
+    "points): 71.2% vs 71.0% after standard's APGD-CE and APGD-T (9 targets). Square (5000 queries) did not finish "
+    "within the measuring session's CPU budget, so its share is not measured here; APGD-CE alone would be 0.8-1.0 "
+    "points optimistic, hence the targeted attack.",
 )
 
 _CIFAR_EPS = 8 / 255
