@@ -2,9 +2,9 @@
 
 import torch
 
-from methods.dense import Dense
-from methods.lwm import LayerwiseMagnitude
-from methods.random_mask import RandomPruning
+from pytest_advprune.methods.dense import Dense
+from pytest_advprune.methods.lwm import LayerwiseMagnitude
+from pytest_advprune.methods.random_mask import RandomPruning
 from pytest_advprune import sparsity
 from tests.method_helpers import tiny_context
 

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from methods.hydra import Hydra, scaled_score_init
+from pytest_advprune.methods.hydra import Hydra, scaled_score_init
 from pytest_advprune import sparsity
 from pytest_advprune.sparsity import attach_score_masks, bake_score_masks
 from tests.method_helpers import tiny_context
