@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -61,26 +62,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc) or "REDUCE" in str(exc):
+        # torch's own message tells the user how to load the file unsafely: never pass it on.
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or "Weights only load failed" in text or "REDUCE" in text:
+            what = f"it imports {found.group(1)}" if found else "it builds Python objects"
             raise CheckpointError(f"checkpoint {path}: refused, the file holds pickled code or objects "
-                                  f"({first}); save a plain state_dict (model.state_dict()) or safetensors") from None
+                                  f"({what}); save a plain state_dict (model.state_dict()) or safetensors") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path}: not a torch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # truncated zip, legacy pickle cut short, random bytes (KeyError from the unpickler), ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path}: truncated or corrupt ({msg}); download it again") from None
+        raise CheckpointError(f"checkpoint {path}: truncated or corrupt ({type(exc).__name__}: {msg}); "
+                              f"download it again") from None
     return _unwrap(obj, path)
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     for _ in range(3):
-        if isinstance(obj, dict) and not _is_state(obj):
-            inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
-            if inner is None:
-                keys = ", ".join(sorted(map(str, obj))[:8])
-                raise CheckpointError(f"checkpoint {path}: no state_dict found (top-level keys: {keys}); expected "
-                                      f"a state_dict or one under 'state_dict', 'net' or 'model'")
-            obj = inner
+        if not isinstance(obj, dict):
+            break
+        # a wrapper key holding a dict wins, even beside tensor metadata such as {'best_prec1': tensor(51.3)}
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None and not _is_state(obj):
+            keys = ", ".join(sorted(map(str, obj))[:8])
+            raise CheckpointError(f"checkpoint {path}: no state_dict found (top-level keys: {keys}); expected "
+                                  f"a state_dict or one under 'state_dict', 'net' or 'model'")
+        if inner is None:
+            break
+        obj = inner
     if not isinstance(obj, dict) or not _is_state(obj):
         raise CheckpointError(f"checkpoint {path}: holds a {type(obj).__name__}, not a state_dict")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

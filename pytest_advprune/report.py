@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         status = "not run"
     elif any(v == "failed" for v in outcomes.values()):
         status = "FAIL"
-    elif all(v in ("passed", "skipped", "xfailed") for v in outcomes.values()) and "passed" in outcomes.values():
+    elif {"sparsity", "clean", "robust"} <= set(outcomes) and "passed" in outcomes.values() \
+            and all(v in ("passed", "skipped", "xfailed") for v in outcomes.values()):
         status = "PASS"
     else:
         status = "partial"
@@ -187,10 +189,11 @@ def leaderboard_tables(doc: dict, markdown: bool = True) -> list[tuple[str, str]
     fmt = "github" if markdown else "simple"
     dense = [r for r in recs if r["structure"] == "dense"]
     out = []
+    only_dense = all(r["structure"] == "dense" for r in recs)  # e.g. a run of --advprune-method=dense alone
     for dataset in sorted({r["dataset"] for r in recs}):
         for structure in ("weights", "filters", "channels"):
             rows = [r for r in recs if r["dataset"] == dataset and r["structure"] == structure]
-            if not rows:
+            if not rows and not (only_dense and structure == "weights"):
                 continue
             archs = sorted({r["arch"] for r in rows} | {r["arch"] for r in dense if r["dataset"] == dataset})
             sps = sorted({round(100 * r["target_sparsity"]) for r in rows})
@@ -319,8 +322,9 @@ def parse_compare_fail(spec: str) -> list[Threshold]:
             margin = float(value.rstrip("%"))
         except ValueError:
             raise ValueError(f"bad compare-fail margin {value!r} in {part!r}; use a number like 1.0 or 2%") from None
-        if margin < 0:
-            raise ValueError(f"compare-fail margin must be >= 0, got {part!r}")
+        if not math.isfinite(margin) or margin < 0:
+            raise ValueError(f"compare-fail margin must be a finite number >= 0, got {part!r}; "
+                             f"e.g. robust_acc:1.0,clean_acc:2%")
         out.append(Threshold(metric, margin, relative))
     return out
 
@@ -425,12 +429,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    baseline = None
+    if args.advprune_compare:
+        try:
+            baseline = json.loads(Path(args.advprune_compare).read_text())["records"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: --compare {args.advprune_compare}: unreadable baseline report ({exc})", file=sys.stderr)
+            return 2
     json_path = args.output.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.exists() else None
     print(diff_markdown(previous, merged))
     status = 0
-    if args.advprune_compare:
-        rows = regressions(merged["records"], json.loads(Path(args.advprune_compare).read_text())["records"], thresholds)
+    if baseline is not None:
+        rows = regressions(merged["records"], baseline, thresholds)
         if rows:
             print(regression_table(rows))
             status = 1

@@ -161,7 +161,7 @@ def versions() -> dict[str, str]:
 
 def _source_digest(cls: type) -> str:
     try:
-        src = inspect.getsource(sys.modules[cls.__module__])
+        src = inspect.getsource(inspect.getmodule(cls))
     except (OSError, TypeError):
         src = cls.__qualname__
     return hashlib.sha256(src.encode()).hexdigest()[:16]

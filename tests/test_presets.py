@@ -44,9 +44,10 @@ def test_floors_cover_every_cell_of_the_grid_plus_dense(name):
 
 def test_for_cell_off_the_grid_takes_the_nearest_row_of_its_kind():
     f = presets.QUICK.floors
-    assert f.for_cell("weights", 92) == (0.72, 0.52)  # 90
-    assert f.for_cell("weights", 97) == (0.70, 0.50)  # 95 and 99 tie: the lower sparsity
-    assert f.for_cell("channels", 70) == (0.60, 0.40)  # 75
+    rows = {(s, p): (c, r) for s, p, c, r in f.rows}
+    assert f.for_cell("weights", 92) == rows[("weights", 90)]
+    assert f.for_cell("weights", 97) == rows[("weights", 95)]  # 95 and 99 tie: the lower sparsity
+    assert f.for_cell("channels", 70) == rows[("structured", 75)]
     assert presets.SMOKE.floors.for_cell("filters", 90) == (0.45, 0.20)  # smoke's only structured row
     with pytest.raises(KeyError, match="no floor for pixels"):
         f.for_cell("pixels", 90)
