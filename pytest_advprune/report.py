@@ -340,8 +340,10 @@ def regressions(records: list[dict], baseline: list[dict], thresholds: list[Thre
             continue
         for t in thresholds:
             ours, theirs = METRICS[t.metric](rec), METRICS[t.metric](old)
-            if ours is None or theirs is None:
+            if theirs is None:
                 continue
+            if ours is None:  # the cell measured before and now errors or was not evaluated
+                ours = 0.0
             allowed = theirs * t.margin / 100 if t.relative else t.margin / 100
             if ours < theirs - allowed - 1e-12:
                 cell = f"{rec['method']}-{rec['dataset']}-{rec['arch']}-{rec['structure']}-{round(100 * rec['target_sparsity'])}"

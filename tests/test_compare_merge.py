@@ -369,3 +369,13 @@ def test_unreadable_compare_baseline_is_left_where_it_is(advprune):
     assert path.is_file() and not moved, f"the user's baseline was moved aside to {moved}"
     assert path.read_text() == "<<<<<<< HEAD\n{}\n"
     assert "no such" not in "\n".join(result.errlines), "an unreadable baseline is reported as a missing one"
+
+
+def test_a_cell_that_now_errors_is_a_regression():
+    from pytest_advprune import report as rp
+
+    base = {"method": "m", "preset": "smoke", "dataset": "fashion_mnist", "arch": "cnn", "structure": "weights",
+            "target_sparsity": 0.9, "clean_acc": 0.8, "robust_acc": {"worst_case": 0.6}}
+    now = {k: v for k, v in base.items() if k not in ("clean_acc", "robust_acc")}
+    rows = rp.regressions([now], [base], rp.parse_compare_fail("robust_acc:1.0"))
+    assert [r[1] for r in rows] == ["robust_acc"] and rows[0][3] == "0.0"
