@@ -6,6 +6,7 @@ imports (torch, attacks) happen only when the plugin is active, so ``pytest --he
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -66,18 +67,10 @@ def _log(config: pytest.Config):
         capman = config.pluginmanager.get_plugin("capturemanager")
         if tr is None or config.get_verbosity() < 0:
             return
-        with capman.global_and_fixture_disabled() if capman else _nullcontext():
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
             tr.write_line(f"[advprune] {message}")
 
     return log
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _load_methods(config: pytest.Config) -> None:

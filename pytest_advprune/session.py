@@ -13,7 +13,6 @@ import datetime as _dt
 import hashlib
 import inspect
 import platform
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field

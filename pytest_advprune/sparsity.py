@@ -53,10 +53,6 @@ def structured_layers(model: nn.Module, structure: str) -> dict[str, nn.Module]:
     raise ValueError(f"unknown structure {structure!r}; use one of {', '.join(STRUCTURES)}")
 
 
-def _weight(layer: nn.Module) -> torch.Tensor:
-    return layer.weight
-
-
 def unit_view(weight: torch.Tensor, structure: str) -> torch.Tensor:
     """``weight`` reshaped to ``[units, elements per unit]`` (filters: dim 0; channels: dim 1)."""
     if structure == "filters":
