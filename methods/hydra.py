@@ -5,25 +5,17 @@ Algorithm (paper Sec. 3; facts from inspire-group/hydra):
   2. give every Conv2d/Linear weight an importance score, initialised proportional to the weight:
      s = sqrt(6 / fan_in) * w / max|w|   (scaled score init; random init performs much worse);
   3. prune phase: weights frozen, optimise only the scores under the robust loss (TRADES),
-     the mask keeping the top-k |s| in every layer with a straight-through gradient;
+     the mask keeping the top-k |s| in every layer with a straight-through gradient through |s|
+     (s receives sign(s) * dL/dm, as in the reference's GetSubnet applied to popup_scores.abs());
   4. fine-tune phase: mask fixed, train the surviving weights under the same robust loss.
 Every layer, first conv and last linear included, keeps the same fraction (local, uniform k).
 BatchNorm is not frozen during the prune phase, as in the reference code.
 """
 
-import math
-
 from torch import nn
 
 from pytest_advprune.registry import Criterion, Locality, Method, Pipeline, Schedule, Taxonomy, register
-from pytest_advprune.sparsity import attach_score_masks, bake_score_masks
-
-
-def scaled_score_init(layer: nn.Module):
-    """s = sqrt(6 / fan_in) * w / max|w| (HYDRA's ``initialize_scaled_score``)."""
-    w = layer.weight.detach()
-    fan_in = w[0].numel()
-    return math.sqrt(6.0 / fan_in) * w / w.abs().max().clamp_min(1e-12)
+from pytest_advprune.sparsity import attach_score_masks, bake_score_masks, scaled_score_init
 
 
 @register

@@ -119,9 +119,13 @@ class PruneContext:
     seed: int
     log: Callable[[str], None]
 
-    def train(self, model: nn.Module, spec: TrainSpec, desc: str, **kwargs) -> list[float]:
+    def train(self, model: nn.Module, spec: TrainSpec, desc: str, *, part: int = 0, **kwargs) -> list[float]:
+        """:func:`~pytest_advprune.training.adversarial_train` on the training split. A budget split
+        into parts (rounds, ADMM segments) passes ``part`` = 0, 1, ... so each part draws its own
+        data order (seed + part) instead of replaying the start of the same permutation."""
         return adversarial_train(
-            model, self.x_train, self.y_train, spec, seed=self.seed, device=self.device, log=self.log, desc=desc, **kwargs
+            model, self.x_train, self.y_train, spec, seed=self.seed + part, device=self.device, log=self.log,
+            desc=desc, **kwargs,
         )
 
 

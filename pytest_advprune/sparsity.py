@@ -21,6 +21,7 @@ effective weights of the forward pass are what is counted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -226,6 +227,13 @@ def measure(model: nn.Module, structure: str) -> SparsityReport:
 # ------------------------------------------------------------------ score masks (edge-popup)
 
 
+def scaled_score_init(layer: nn.Module) -> torch.Tensor:
+    """Scores proportional to the weights: s = sqrt(6 / fan_in) * w / max|w|, weight-shaped
+    (HYDRA's ``initialize_scaled_score``, Sehwag et al. 2020 Sec. 3.3; reused by HARP)."""
+    w = layer.weight.detach()
+    return math.sqrt(6.0 / w[0].numel()) * w / w.abs().max().clamp_min(1e-12)
+
+
 class ScoreMask(nn.Module):
     """Parametrisation ``w -> w * m(s)`` with ``m`` the per-layer top-k of ``|s|`` (Ramanujan et al.
     2020, "What's hidden in a randomly weighted network?"; used by HYDRA, HARP and RST).
@@ -240,13 +248,15 @@ class ScoreMask(nn.Module):
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def mask(self) -> torch.Tensor:
-        """Top-k of |scores| in the forward, identity gradient to the scores in the backward
-        (straight-through estimator). The top-k is recomputed only when the scores change."""
+        """Top-k of |scores| in the forward; in the backward the straight-through estimator passes
+        dL/dm to |s|, so s receives sign(s) * dL/dm (the reference codes feed ``scores.abs()`` to
+        their top-k function). The top-k is recomputed only when the scores change."""
         version = self.scores._version
         if self._cached is None or self._cached[0] != version:
             n_prune = n_to_prune(self.scores.numel(), self.sparsity)
             self._cached = (version, keep_mask(self.scores.detach().abs(), n_prune).to(self.scores.dtype))
-        return self._cached[1] + (self.scores - self.scores.detach())
+        magnitude = self.scores.abs()
+        return self._cached[1] + (magnitude - magnitude.detach())
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask()
@@ -305,8 +315,8 @@ def bake_score_masks(model: nn.Module) -> Masks:
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A plain state_dict (no masks, no scores) with pruned weights as zeros; tensors on CPU, contiguous.
 
-    Raises ValueError if the model still carries score masks (bake them first).
+    Raises ValueError if the model still carries a parametrisation (score masks: bake them first).
     """
-    if score_mask_layers(model):
-        raise ValueError("model still has score masks; call bake_score_masks(model) first")
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise ValueError("model still has parametrised weights (score masks); bake them into plain weights first")
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

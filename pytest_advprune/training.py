@@ -4,6 +4,11 @@ Losses (``TrainSpec.loss``):
 * ``pgd`` — PGD adversarial training, min E[max CE] (Madry et al., ICLR 2018); with one step of
   size 1.25*eps and a random start it is FGSM-RS "fast" adversarial training (Wong et al., ICLR 2020).
 * ``trades`` — CE(f(x), y) + beta * KL(p(x) || p(x')) (Zhang et al., ICML 2019, eq. 5), beta = 6.
+* ``mart`` — BCE(f(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x)) (Wang et al., ICLR 2020, eq. 9), where
+  BCE = CE(f(x'), y) - log(1.0001 - max_{k != y} p_k(x')); the fine-tuning loss of MAD (beta 0.5 there).
+
+A method with its own objective (e.g. distillation, an ADMM penalty) passes ``loss_fn`` and keeps
+the rest of the loop (order, schedule, masks, determinism); ``on_step`` runs after every step.
 
 SGD with momentum, cosine learning-rate decay per step, inputs as in-memory tensors (no
 DataLoader workers). Adversarial examples are generated with the model in eval mode, so
@@ -49,7 +54,12 @@ class TrainSpec:
         return f"{kind} {self.epochs:g} ep, lr {self.lr:g}, bs {self.batch_size}"
 
 
-def _robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec) -> torch.Tensor:
+def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec) -> torch.Tensor:
+    """The adversarial training loss of ``spec.loss`` on one batch (a scalar with its graph).
+
+    The inner attack runs with the model in eval mode; the training forward in the caller's mode.
+    Raises ValueError for an unknown loss name.
+    """
     was_training = model.training
     model.eval()
     alpha = spec.step_size * spec.eps
@@ -63,7 +73,17 @@ def _robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Train
         logits = model(x)
         kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         return F.cross_entropy(logits, y) + spec.beta * kl
-    raise ValueError(f"unknown training loss {spec.loss!r}; use 'pgd' or 'trades'")
+    if spec.loss == "mart":
+        x_adv = pgd(model, x, y, spec.eps, alpha, spec.attack_steps, random_start=True)
+        model.train(was_training)
+        logits_adv, logits = model(x_adv), model(x)
+        p_adv, p_nat = F.softmax(logits_adv, dim=1), F.softmax(logits, dim=1)
+        wrong = p_adv.scatter(1, y[:, None], -1.0).max(dim=1).values
+        bce = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - wrong).mean()
+        kl = (p_nat * (torch.log(p_nat + 1e-12) - F.log_softmax(logits_adv, dim=1))).sum(dim=1)
+        true_p = p_nat.gather(1, y[:, None]).squeeze(1)
+        return bce + spec.beta * (kl * (1.0 - true_p)).mean()
+    raise ValueError(f"unknown training loss {spec.loss!r}; use 'pgd', 'trades' or 'mart'")
 
 
 def adversarial_train(
@@ -78,13 +98,16 @@ def adversarial_train(
     masks: Masks | None = None,
     log: Callable[[str], None] = lambda s: None,
     desc: str = "train",
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, TrainSpec], torch.Tensor] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place with the adversarial loss of ``spec`` on ``(x, y)``.
 
     ``params`` (default: every parameter with ``requires_grad``) are the ones optimised, so a
     method can train only scores or only weights. ``masks`` keep pruned weights exactly zero
-    through every step (see :class:`~pytest_advprune.sparsity.MaskEnforcer`). ``x`` is
-    ``[N, C, H, W]`` in [0, 1]. Returns the mean loss of every epoch; logs one line per epoch.
+    through every step (see :class:`~pytest_advprune.sparsity.MaskEnforcer`). ``loss_fn(model, xb,
+    yb, spec)`` replaces :func:`robust_loss`; ``on_step(step, total_steps)`` is called after every
+    optimiser step (1-based ``step``). ``x`` is ``[N, C, H, W]`` in [0, 1]. Returns the mean loss of every epoch; logs one line per epoch.
     Raises FloatingPointError if the loss becomes NaN or inf.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +132,7 @@ def adversarial_train(
                     break
                 idx = order[i : i + spec.batch_size]
                 xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-                loss = _robust_loss(model, xb, yb, spec)
+                loss = (loss_fn or robust_loss)(model, xb, yb, spec)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -117,6 +140,8 @@ def adversarial_train(
                 running += loss.detach()
                 count += 1
                 step += 1
+                if on_step is not None:
+                    on_step(step, total_steps)
             epoch += 1
             mean = float(running) / max(count, 1)
             if not math.isfinite(mean):

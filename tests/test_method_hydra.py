@@ -4,9 +4,9 @@ import copy
 
 import torch
 
-from pytest_advprune.methods.hydra import Hydra, scaled_score_init
+from pytest_advprune.methods.hydra import Hydra
 from pytest_advprune import sparsity
-from pytest_advprune.sparsity import attach_score_masks, bake_score_masks
+from pytest_advprune.sparsity import attach_score_masks, bake_score_masks, scaled_score_init
 from tests.method_helpers import tiny_context
 
 

@@ -457,6 +457,20 @@ def test_score_gradient_is_straight_through():
     assert all(s.grad is not None for s in scores)
 
 
+def test_score_gradient_reaches_the_scores_through_their_magnitude():
+    # m = topk(|s|): dL/ds = sign(s) * dL/dm, so raising a negative score's importance lowers it
+    # (HYDRA's GetSubnet applied to popup_scores.abs()). For y = (w * m) x, dL/dm = w * x.
+    layer = torch.nn.Linear(4, 3, bias=False)
+    scores = torch.tensor([[1.0, -2.0, 0.5, -0.1], [-1.0, 2.0, -0.5, 0.1], [0.3, -0.3, 3.0, -3.0]])
+    sp.attach_score_masks(layer, 0.5, init=lambda m: scores)
+    x = torch.rand(5, 4)
+    layer(x).sum().backward()
+    sm = sp.score_mask_layers(layer)[""]
+    w = layer.parametrizations.weight.original.detach()
+    expected = scores.sign() * w * x.sum(0)
+    assert torch.allclose(sm.scores.grad, expected, atol=1e-6)
+
+
 def test_score_training_changes_only_scores_and_mask_follows():
     model = fixed_net()
     frozen = {k: v.detach().clone() for k, v in model.state_dict().items()}

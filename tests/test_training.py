@@ -12,7 +12,7 @@ from torch import nn
 from pytest_advprune import sparsity as sp
 from pytest_advprune.attacks import pgd, trades_example
 from pytest_advprune.models import SmallCNN
-from pytest_advprune.training import TrainSpec, adversarial_train
+from pytest_advprune.training import TrainSpec, adversarial_train, robust_loss
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -207,7 +207,7 @@ def test_score_training_through_the_loop_changes_only_scores():
 # ----------------------------------------------------------------------------- divergence
 
 
-@pytest.mark.parametrize("loss", ["pgd", "trades"])
+@pytest.mark.parametrize("loss", ["pgd", "trades", "mart"])
 def test_divergence_raises_one_line_floating_point_error(loss):
     x, y = toy_data()
     with pytest.raises(FloatingPointError) as info:
@@ -219,5 +219,43 @@ def test_divergence_raises_one_line_floating_point_error(loss):
 
 def test_unknown_loss_is_rejected():
     x, y = toy_data(8)
-    with pytest.raises(ValueError, match="trades"):
-        adversarial_train(tiny_model(), x, y, SPEC.with_(loss="mart"), seed=0, device=CPU)
+    with pytest.raises(ValueError, match="'pgd', 'trades' or 'mart'"):
+        adversarial_train(tiny_model(), x, y, SPEC.with_(loss="hinge"), seed=0, device=CPU)
+
+
+def test_mart_loss_at_eps_zero_is_the_boosted_ce_of_the_clean_input():
+    # eps 0: x' = x, so the KL term vanishes and MART (Wang et al. 2020, eq. 9) reduces to
+    # CE(f(x), y) - log(1.0001 - max_{k != y} p_k(x)).
+    x, y = toy_data(8)
+    model = tiny_model().eval()
+    got = robust_loss(model, x, y, SPEC.with_(loss="mart", eps=0.0, beta=0.5))
+    p = torch.softmax(model(x), 1)
+    wrong = p.clone()
+    wrong[torch.arange(len(y)), y] = -1
+    expected = torch.nn.functional.cross_entropy(model(x), y) - torch.log(1.0001 - wrong.max(1).values).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mart_kl_term_is_weighted_by_the_misclassification_confidence():
+    x, y = toy_data(8)
+    model = tiny_model().eval()
+    spec = SPEC.with_(loss="mart", eps=0.3, attack_steps=3)
+    torch.manual_seed(0)
+    low = robust_loss(model, x, y, spec.with_(beta=0.0))
+    torch.manual_seed(0)
+    high = robust_loss(model, x, y, spec.with_(beta=50.0))
+    assert high > low, "the KL term must add a positive amount once x' differs from x"
+
+
+def test_loss_fn_and_on_step_hooks_replace_the_loss_and_see_every_step():
+    x, y = toy_data(32)
+    steps, seen = [], []
+
+    def loss_fn(model, xb, yb, spec):
+        seen.append(len(xb))
+        return model(xb).pow(2).mean()
+
+    adversarial_train(tiny_model(), x, y, SPEC.with_(epochs=2, batch_size=8), seed=0, device=CPU, loss_fn=loss_fn,
+                      on_step=lambda step, total: steps.append((step, total)))
+    assert steps == [(i, 8) for i in range(1, 9)]
+    assert seen == [8] * 8

@@ -1,0 +1,73 @@
+"""Does a preset's AutoAttack subset match full AutoAttack standard? Measured side by side.
+
+Runs, on the same points and seed, the preset's attack subset and AutoAttack standard
+(APGD-CE, APGD-T 9 targets, FAB-T 9 targets, Square 5000 queries) on the preset's cached dense
+model and on one pruned cell, and prints the cumulative robust accuracy after every attack.
+The last line is the headline: the largest gap (points) between subset and standard.
+
+    python benchmarks/attack_subset.py [--preset quick] [--cell lwm-weights-90] [--cache-dir DIR]
+
+Writes ``reports/benchmarks/attack_subset_<preset>.json``. Trains/prunes what is not cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from pytest_advprune import presets, registry
+from pytest_advprune.attacks import AutoAttackSpec, run_autoattack
+from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--cell", default="lwm-weights-90", help="METHOD-STRUCTURE-SPARSITY of the pruned model")
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "pytest-advprune"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="reports/benchmarks")
+    args = ap.parse_args()
+
+    registry.load_builtin()
+    preset = presets.get(args.preset)
+    method, structure, sparsity = args.cell.rsplit("-", 2)
+    session = AdvPruneSession(RunConfig(preset, [method], device=args.device, cache_dir=args.cache_dir), log=print)
+    arch = preset.archs[0]
+    pruned_cell = Cell(method, preset.dataset, arch, structure, int(sparsity))
+    res = session.result(pruned_cell, evaluated=False)
+    if res.error:
+        raise SystemExit(f"could not build {pruned_cell.id}: {res.error}")
+    models = {f"dense {arch}": session.dense_model(arch), pruned_cell.id: res.model}
+    x, y = session._split(False)
+    rows, record = [], {"preset": preset.name, "n_points": len(y), "eps": preset.eps, "device": str(session.device),
+                        "versions": versions(), "models": {}}
+    for name, model in models.items():
+        entry = {}
+        for label, spec in (("subset", preset.autoattack), ("standard", AutoAttackSpec(version="standard"))):
+            t0 = time.perf_counter()
+            out = run_autoattack(model, x, y, preset.eps, spec, preset.seed, preset.eval_batch, session.device, log=print)
+            seconds = time.perf_counter() - t0
+            cumulative = {a: float(f.float().mean()) for a, f in out.flags_after.items()}
+            entry[label] = {"label": spec.label(), "cumulative": cumulative, "seconds": seconds, "warnings": out.warnings}
+            rows.append([name, label, *(f"{a} {100 * v:.1f}" for a, v in cumulative.items()), f"{seconds:.0f} s"])
+            print(rows[-1], flush=True)
+        entry["gap_points"] = 100 * (list(entry["subset"]["cumulative"].values())[-1]
+                                     - list(entry["standard"]["cumulative"].values())[-1])
+        record["models"][name] = entry
+    print(tabulate(rows, headers=["model", "attacks", "cumulative robust accuracy (%) after each attack"], tablefmt="github"))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"attack_subset_{preset.name}.json").write_text(json.dumps(record, indent=2))
+    gap = max(e["gap_points"] for e in record["models"].values())
+    print(f"largest gap subset - standard: {gap:+.1f} points (robust accuracy, {len(y)} points)")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
