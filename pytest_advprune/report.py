@@ -64,6 +64,8 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         "seed": p.seed, "device": str(session.device), "duration_s": round(res.duration_s, 2),
         "versions": versions, "date": session.started.isoformat(timespec="seconds"),
     }
+    if res.budget is not None:
+        rec["train_epochs"] = {**res.budget, "preset_budget": p.dense_train.epochs + p.prune_train.epochs + p.finetune.epochs}
     if res.sparsity is not None:
         rec["achieved_sparsity"] = res.sparsity.sparsity
         rec["weight_sparsity"] = res.sparsity.weight_sparsity
@@ -234,23 +236,31 @@ def _survey_table(doc: dict) -> str | None:
                     tablefmt="github", disable_numparse=True)
 
 
+def _epochs(budget: dict | None) -> str:
+    """Training-budget accounting of a cell, e.g. ``5 + 2 = 7 of 7``; ``–`` when not recorded."""
+    if not budget:
+        return "–"
+    return f"{budget['pretrain']:g} + {budget['method']:g} = {budget['total']:g} of {budget['preset_budget']:g}"
+
+
 def _detail_table(doc: dict) -> str:
     rows = []
     for r in doc["records"]:
         if "clean_acc" not in r:
             reason = r.get("skip_reason") or r.get("error") or ""
             rows.append([f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
-                         "–", "–", "–", "–", reason])
+                         "–", "–", "–", "–", "–", reason])
             continue
         attacks = ", ".join(f"{k} {_pct(v)}" for k, v in r["robust_acc"].items() if k != "worst_case")
         lo, hi = r["ci95"]["robust"]
         rows.append([
             f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
             _pct(r.get("achieved_sparsity")), f"{_pct(r['clean_acc'])}", f"{_pct(r['robust_acc']['worst_case'])} "
-            f"[{_pct(lo)}, {_pct(hi)}]", f"{r['duration_s']:.0f}", attacks + ("; warnings: " + " | ".join(r["attack_warnings"])
+            f"[{_pct(lo)}, {_pct(hi)}]", _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}", attacks + ("; warnings: " + " | ".join(r["attack_warnings"])
                                                                             if r["attack_warnings"] else ""),
         ])
-    return tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "time s", "per attack (%)"],
+    return tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "epochs (pretrain + method)",
+                           "time s", "per attack (%)"],
                     tablefmt="github", disable_numparse=True)
 
 

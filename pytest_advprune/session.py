@@ -107,6 +107,11 @@ class PruneContext:
     ``sparsity`` the target as a fraction; ``x_train``/``y_train`` the training split;
     ``preset.prune_train`` / ``preset.finetune`` the phase budgets. :meth:`train` runs the shared
     adversarial training loop with this run's seed, device and progress log.
+
+    Budget accounting (reported per cell): every :meth:`train` call adds its epochs to
+    ``trained_epochs``. A method that prunes before or during training starts from
+    :meth:`fresh_model` instead of ``dense`` and should spend at most :attr:`budget_epochs`, the
+    total an after-training method gets (dense pretraining + prune phase + fine-tune).
     """
 
     dense: nn.Module
@@ -118,15 +123,36 @@ class PruneContext:
     device: torch.device
     seed: int
     log: Callable[[str], None]
+    arch: str = "cnn"
+    trained_epochs: float = 0.0
+    from_scratch: bool = False
+
+    @property
+    def budget_epochs(self) -> float:
+        """Training epochs an after-training method spends in all: dense pretraining + prune + fine-tune."""
+        p = self.preset
+        return p.dense_train.epochs + p.prune_train.epochs + p.finetune.epochs
+
+    def fresh_model(self) -> nn.Module:
+        """A randomly initialised model of this cell's architecture (seeded), on ``device``, for
+        methods that prune before or during training; the cell is then accounted as trained from scratch."""
+        self.from_scratch = True
+        return models.build(self.arch, self.preset.dataset, self.seed).to(self.device)
 
     def train(self, model: nn.Module, spec: TrainSpec, desc: str, *, part: int = 0, **kwargs) -> list[float]:
         """:func:`~pytest_advprune.training.adversarial_train` on the training split. A budget split
         into parts (rounds, ADMM segments) passes ``part`` = 0, 1, ... so each part draws its own
         data order (seed + part) instead of replaying the start of the same permutation."""
+        self.trained_epochs += spec.epochs
         return adversarial_train(
             model, self.x_train, self.y_train, spec, seed=self.seed + part, device=self.device, log=self.log,
             desc=desc, **kwargs,
         )
+
+    def budget(self) -> dict[str, float]:
+        """Epochs spent: ``pretrain`` (the dense model's, unless trained from scratch), ``method``, ``total``."""
+        pretrain = 0.0 if self.from_scratch else self.preset.dense_train.epochs
+        return {"pretrain": pretrain, "method": self.trained_epochs, "total": pretrain + self.trained_epochs}
 
 
 @dataclass
@@ -147,6 +173,7 @@ class CellResult:
     error: str | None = None
     outcomes: dict[str, str] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
+    budget: dict[str, float] | None = None
 
 
 def versions() -> dict[str, str]:
@@ -294,16 +321,17 @@ class AdvPruneSession:
         def build():
             dense = self.dense_model(cell.arch)
             if cell.structure == "dense":
-                return dense.state_dict(), {"prune_s": 0.0}
+                epochs = p.dense_train.epochs
+                return dense.state_dict(), {"prune_s": 0.0, "budget": {"pretrain": epochs, "method": 0.0, "total": epochs}}
             x, y = self._split(True)
             ctx = PruneContext(
                 copy.deepcopy(dense), cell.structure, cell.sparsity / 100, p, x, y, self.device, p.seed,
-                lambda s: self.log(f"[{cell.id}] {s}"),
+                lambda s: self.log(f"[{cell.id}] {s}"), arch=cell.arch,
             )
             t0 = time.perf_counter()
             pruned = cls().prune(ctx)
             check_finite(pruned)
-            return pruned.state_dict(), {"prune_s": time.perf_counter() - t0}
+            return pruned.state_dict(), {"prune_s": time.perf_counter() - t0, "budget": ctx.budget()}
 
         state, meta, _ = self.cache.state("pruned", key, build)
         model = models.build(cell.arch, p.dataset, p.seed)
@@ -337,6 +365,7 @@ class AdvPruneSession:
         res.model = model
         res.sparsity = measure(model, res.cell.structure)
         res.duration_s = meta.get("prune_s", 0.0)
+        res.budget = meta.get("budget")
 
     def _build_evaluation(self, res: CellResult) -> None:
         x, y = self._split(False)

@@ -1,5 +1,6 @@
 """Core steps of the baselines: lwm (layer-wise magnitude, iterative), random (random mask), dense."""
 
+import pytest
 import torch
 
 from pytest_advprune.methods.dense import Dense
@@ -44,3 +45,23 @@ def test_dense_returns_the_model_untouched():
     before = {k: v.clone() for k, v in ctx.dense.state_dict().items()}
     model = Dense().prune(ctx)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_budget_accounting_counts_every_training_epoch_and_the_pretraining():
+    ctx = tiny_context(sparsity=0.75)
+    LayerwiseMagnitude().prune(ctx)
+    pre = ctx.preset.dense_train.epochs
+    assert ctx.budget() == pytest.approx({"pretrain": pre, "method": ctx.preset.finetune.epochs,
+                                          "total": pre + ctx.preset.finetune.epochs})
+    assert ctx.budget_epochs == pre + ctx.preset.prune_train.epochs + ctx.preset.finetune.epochs
+
+
+def test_a_method_trained_from_scratch_is_accounted_without_pretraining():
+    ctx = tiny_context()
+    with torch.no_grad():
+        ctx.dense.fc1.weight.add_(1.0)  # stands for pretraining
+    model = ctx.fresh_model()
+    assert model is not ctx.dense and not torch.equal(model.fc1.weight, ctx.dense.fc1.weight)
+    assert torch.equal(model.fc1.weight, ctx.fresh_model().fc1.weight), "the fresh model must be seeded"
+    ctx.train(model, ctx.preset.prune_train.with_(epochs=0.5), "scratch")
+    assert ctx.budget() == {"pretrain": 0.0, "method": 0.5, "total": 0.5}

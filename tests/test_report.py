@@ -44,6 +44,7 @@ def record(method="hydra", *, dataset="cifar10", arch="resnet18", structure="wei
             "n_eval": 10000,
             "ci95": {"clean": [clean - 0.01, clean + 0.01], "robust": [robust - 0.01, robust + 0.01]},
             "attack_warnings": [],
+            "train_epochs": {"pretrain": 100.0, "method": 120.0, "total": 220.0, "preset_budget": 220.0},
         })
     rec.update(changes)
     return rec
@@ -88,7 +89,8 @@ def _fake_cell_result(outcomes, skip_reason=None, error=None, evaluated=True):
     sp = SimpleNamespace(sparsity=0.9, weight_sparsity=0.89, per_layer={"fc": (9, 10)})
     cell = SimpleNamespace(method="hydra", dataset="fashion_mnist", arch="cnn", structure="weights", sparsity=90)
     res = SimpleNamespace(outcomes=dict(outcomes), skip_reason=skip_reason, error=error, duration_s=3.14159,
-                          sparsity=sp if evaluated else None, evaluation=ev if evaluated else None)
+                          sparsity=sp if evaluated else None, evaluation=ev if evaluated else None,
+                          budget={"pretrain": 3.0, "method": 2.0, "total": 5.0} if evaluated else None)
     session = SimpleNamespace(preset=presets.SMOKE, device="cpu", started=_dt.datetime(2025, 1, 2, 3, 4, 5),
                               floors=lambda cell: (0.01, 0.5, 0.25))
     return cell, res, session
@@ -102,6 +104,7 @@ def test_hand_built_records_have_the_keys_make_record_produces():
     assert {k for k in real["robust_acc"] if k != "PGD-5"} == {k for k in ours["robust_acc"] if k != "PGD-20"}
     assert real["target_sparsity"] == 0.9 and real["robust_acc"]["worst_case"] == 0.4
     assert real["status"] == "PASS" and real["passed"] is True
+    assert real["train_epochs"] == {"pretrain": 3.0, "method": 2.0, "total": 5.0, "preset_budget": 5.0}
 
 
 @pytest.mark.parametrize("outcomes, skip, error, status, passed", [
@@ -361,7 +364,7 @@ def golden_doc() -> dict:
             record("hydra", sparsity=99, clean=0.7012, robust=0.3755, status="FAIL"),
             record("lwm", clean=0.7505, robust=0.4334, attack_warnings=["gradient masking suspected"]),
             record("lwm", sparsity=99, evaluated=False, status="ERROR"),
-            record("lwm", structure="filters", sparsity=50, clean=0.7, robust=0.35),
+            record("lwm", structure="filters", sparsity=50, clean=0.7, robust=0.35, train_epochs=None),
             record("hydra", structure="filters", sparsity=50, evaluated=False, status="SKIP"),
         ]),
         taxonomy={
