@@ -194,9 +194,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # under pytest-xdist's --dist loadgroup, on one worker.
     order = {id(it): i for i, it in enumerate(items)}
     items.sort(key=lambda it: (_cell_of(it) is not None, _cell_of(it).id if _cell_of(it) else "", order[id(it)]))
-    for it in items if config.pluginmanager.hasplugin("xdist") else ():
-        if _cell_of(it) is not None:
-            it.add_marker(pytest.mark.xdist_group(_cell_of(it).id))
+    session = config.stash.get(_SESSION, None)
+    for it in items:
+        cell = _cell_of(it)
+        if cell is None:
+            continue
+        if config.pluginmanager.hasplugin("xdist"):
+            it.add_marker(pytest.mark.xdist_group(cell.id))
+        reason = session.known_failure(cell) if session is not None else None
+        if reason and CHECKS.get(it.originalname) in ("clean", "robust"):
+            it.add_marker(pytest.mark.xfail(reason=f"known failure of {cell.method}: {reason}", strict=True))
 
 
 @pytest.hookimpl(wrapper=True)

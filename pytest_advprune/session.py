@@ -174,6 +174,7 @@ class CellResult:
     outcomes: dict[str, str] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)
     budget: dict[str, float] | None = None
+    known_failure: str | None = None
 
 
 def versions() -> dict[str, str]:
@@ -267,6 +268,15 @@ class AdvPruneSession:
             return f"preset {self.preset.name} needs a GPU (protocol of the survey); run it with --advprune-device=cuda"
         return None
 
+    def known_failure(self, cell: Cell) -> str | None:
+        """The reason this cell is expected to fail its accuracy checks (the method's
+        ``known_failures`` entry for this preset or this cell), or None."""
+        if self.config.checkpoint is not None:
+            return None
+        entries = registry.get(cell.method).known_failures
+        key = f"{self.preset.name}:{cell.structure}-{cell.sparsity}"
+        return entries.get(key) or entries.get(self.preset.name)
+
     def floors(self, cell: Cell) -> tuple[float, float, float]:
         """``(sparsity tolerance, min clean, min robust)`` for ``cell``, CLI overrides applied."""
         clean, robust = self.preset.floors.for_cell(cell.structure, cell.sparsity)
@@ -344,7 +354,8 @@ class AdvPruneSession:
         res = self._results.get(cell)
         if res is None:
             reason = self.skip_reason(cell)
-            res = self._results[cell] = CellResult(cell, None, None, 0.0, skip_reason=reason)
+            res = self._results[cell] = CellResult(cell, None, None, 0.0, skip_reason=reason,
+                                                   known_failure=self.known_failure(cell))
             if not reason:
                 self._guard(res, lambda: self._build_pruned(res))
         if evaluated and res.evaluation is None and not (res.skip_reason or res.error):

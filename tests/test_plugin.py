@@ -606,3 +606,49 @@ def test_quiet_hides_progress_lines(advprune, dense_cache):
             assert any("PGD-5 on 200 points" in line for line in progress), result.stdout.str()
         else:
             assert progress == [], progress
+
+
+KNOWN_WEAK = COLLAPSE.replace('name = "collapse"', 'name = "knownweak"\n    known_failures = {"smoke": "collapses by design"}')
+KNOWN_WEAK_BUT_FINE = _HEADER + '''
+
+@register
+class KnownWeakButFine(Method):
+    """Declares a known failure on smoke, yet magnitude pruning without damage passes the floors."""
+
+    name = "fineafterall"
+    taxonomy = TAXONOMY
+    structures = ("weights",)
+    known_failures = {"smoke:weights-90": "thought weak"}
+
+    def prune(self, ctx):
+        model = ctx.dense
+        apply_masks(model, make_masks(model, ctx.structure, ctx.sparsity))
+        return model
+'''
+
+
+def test_known_failure_is_reported_xfail_with_numbers_and_reason(advprune, dense_cache):
+    folder = advprune.write_methods(knownweak=KNOWN_WEAK)
+    result = advprune.subprocess("--advprune-method=knownweak", f"--advprune-methods-dir={folder}")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    cases = advprune.cases()
+    cell = f"knownweak-{CELL}-weights-90"
+    assert cases[f"test_sparsity[{cell}]"][0] == "passed", "sparsity is never excused"
+    for test in ("test_clean_accuracy", "test_robust_accuracy"):
+        outcome, message = cases[f"{test}[{cell}]"]
+        assert outcome == "skipped" and "known failure of knownweak: collapses by design" in message, (test, message)
+    rec = advprune.records()[cell]
+    assert rec["status"] == "XFAIL" and rec["passed"] is False and rec["known_failure"] == "collapses by design"
+    assert rec["clean_acc"] < 0.2
+    md = advprune.report_md.read_text()
+    assert "XFAIL" in md and "known failure: collapses by design" in md
+
+
+def test_known_failure_that_passes_fails_the_run(advprune, dense_cache):
+    folder = advprune.write_methods(fineafterall=KNOWN_WEAK_BUT_FINE)
+    result = advprune.subprocess("--advprune-method=fineafterall", f"--advprune-methods-dir={folder}", "-k", "weights-90")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    cases = advprune.cases()
+    for test in ("test_clean_accuracy", "test_robust_accuracy"):
+        outcome, message = cases[f"{test}[fineafterall-{CELL}-weights-90]"]
+        assert outcome == "failed" and "XPASS(strict)" in message, (test, outcome, message)
