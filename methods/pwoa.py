@@ -17,7 +17,8 @@ example anywhere (the PwoA+ mix-in of PGD batches is off, as in the plain method
 Hidden features are the outputs of every prunable layer but the classifier, taken with forward
 hooks so any architecture works (the reference models return their block outputs). Budget: the
 preset's prune phase for step 2 (the reference: 50 epochs, ADMM every 3, rho 0.01), its
-fine-tune phase for step 4; rho is scaled to the budget as in R-ADMM (:func:`rho_for_budget`).
+fine-tune phase for step 4, at the reference's learning rates (0.01 and 0.005; see ``ADMM_LR``);
+rho is scaled to the budget as in R-ADMM (:func:`rho_for_budget`).
 """
 
 import copy
@@ -33,6 +34,9 @@ from pytest_advprune.sparsity import prunable_layers
 TAU, ALPHA = 30.0, 10.0
 LAMBDA_X, LAMBDA_Y, SIGMA = 2e-5, 1e-4, 5.0
 UPDATES = 16  # the reference updates Z/U every 3 of 50 epochs
+# The reference's learning rates, used as they are: the distillation loss is scaled by alpha * tau^2
+# (independent of the dataset), and at a preset's larger dense-training rates (0.05-0.1) it diverges.
+ADMM_LR, RETRAIN_LR = 0.01, 0.005
 RHO_GROWTH = 1.3
 # Reference pull: rho 0.01 (x1.3 per update) x mean lr 0.005 (0.01 cosine) x 1173 steps per
 # period (3 CIFAR-10 epochs), summed over 16 periods: about 12.8 (W essentially reaches Z).
@@ -98,7 +102,7 @@ class PwoA(Method):
     def prune(self, ctx):
         student = ctx.dense
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        spec = ctx.preset.prune_train
+        spec = ctx.preset.prune_train.with_(lr=ADMM_LR)
         steps = math.ceil(spec.epochs * math.ceil(len(ctx.x_train) / spec.batch_size))
         admm = ADMM(student, ctx.structure, ctx.sparsity, rho_for_budget(TOTAL_PULL, spec.lr, steps, UPDATES, RHO_GROWTH),
                     growth=RHO_GROWTH)
@@ -130,7 +134,8 @@ class PwoA(Method):
             return loss
 
         try:
-            ctx.train(student, ctx.preset.finetune, "pwoa retrain", masks=masks, part=UPDATES, loss_fn=retrain_loss)
+            ctx.train(student, ctx.preset.finetune.with_(lr=RETRAIN_LR), "pwoa retrain", masks=masks, part=UPDATES,
+                      loss_fn=retrain_loss)
         finally:
             hidden.remove()
         return student
