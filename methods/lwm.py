@@ -4,7 +4,7 @@ Sehwag, Wang, Mittal, Jana, "Towards Compact and Robust Deep Neural Networks", a
 Algorithm: starting from the adversarially pretrained dense model, for rounds r = 1..R prune in
 every layer the lowest-|w| weights (or lowest-L2 filters) up to the round's sparsity
 s_r = 1 - (1 - s)^(r / R), then fine-tune adversarially (PGD-AT) under the mask. The fine-tune
-budget of the preset is split evenly over the rounds. A baseline: the magnitude criterion with
+budget of the preset is split evenly over the rounds, each round drawing its own data order. A baseline: the magnitude criterion with
 no learned component.
 """
 
@@ -34,5 +34,5 @@ class LayerwiseMagnitude(Method):
         for r in range(1, ROUNDS + 1):
             sparsity = 1 - (1 - ctx.sparsity) ** (r / ROUNDS)
             masks = make_masks(model, ctx.structure, sparsity, scope="local")
-            ctx.train(model, budget.with_(epochs=budget.epochs / ROUNDS), f"lwm round {r}/{ROUNDS}", masks=masks)
+            ctx.train(model, budget.with_(epochs=budget.epochs / ROUNDS), f"lwm round {r}/{ROUNDS}", masks=masks, part=r)
         return model
