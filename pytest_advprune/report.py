@@ -152,8 +152,12 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
         doc["preset"] = session.preset.name
         stale = [r for r in doc["records"] if r.get("protocol") != protocol_id(session.preset)]
         if stale:
-            session.log(f"report: dropping {len(stale)} record(s) of an older protocol of preset {session.preset.name}")
+            # Never lost: a record of an older protocol leaves the leaderboard, kept until its cell is re-run.
+            session.log(f"report: {len(stale)} record(s) of an older protocol of preset {session.preset.name} moved to "
+                        f"'superseded' (re-run those cells to bring them back under the current protocol)")
             doc["records"] = [r for r in doc["records"] if r not in stale]
+        fresh = {_key(r) for r in records}
+        doc["superseded"] = [r for r in merge(doc.get("superseded", []), stale) if _key(r) not in fresh]
         doc["protocol"] = protocol_id(session.preset)
         doc["header"] = {**session.preset.header(), "attack choice": session.preset.attack_choice,
                          "floors": session.preset.floors.derivation}
@@ -268,6 +272,16 @@ def _detail_table(doc: dict) -> str:
                     tablefmt="github", disable_numparse=True)
 
 
+def _superseded_table(doc: dict) -> str | None:
+    rows = [[r["method"], f"{r['arch']} {r['structure']} {round(100 * r['target_sparsity'])}",
+             f"{_pct(r.get('clean_acc'))} / {_pct((r.get('robust_acc') or {}).get('worst_case'))}", r["status"],
+             r.get("protocol", "-"), r.get("date", "-")] for r in doc.get("superseded", [])]
+    if not rows:
+        return None
+    return tabulate(rows, ["method", "cell", "clean / robust", "status", "protocol", "measured"], tablefmt="github",
+                    disable_numparse=True)
+
+
 def render_markdown(doc: dict) -> str:
     """The whole markdown report of a report document (pure function of the JSON)."""
     recs = doc["records"]
@@ -291,6 +305,11 @@ def render_markdown(doc: dict) -> str:
     if survey:
         lines += ["## Beside the survey's published numbers", "", survey, ""]
     lines += ["## Cells in detail", "", _detail_table(doc), ""]
+    superseded = _superseded_table(doc)
+    if superseded:
+        lines += ["## Superseded records", "", "Measured under an older protocol of this preset (its attacks, budgets or "
+                  "engine changed since); not comparable with the tables above. Re-run these cells to refresh them.", "",
+                  superseded, ""]
     tax = doc.get("taxonomy", {})
     if tax:
         cols = list(next(iter(tax.values())).keys())

@@ -9,6 +9,7 @@ Flow of a cell (method, dataset, arch, structure, sparsity %):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import hashlib
 import inspect
@@ -380,11 +381,19 @@ class AdvPruneSession:
 
     def _build_evaluation(self, res: CellResult) -> None:
         x, y = self._split(False)
-        weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in res.model.state_dict().values()))
-        key = digest({"kind": "eval", "model": weights.hexdigest(),
-                      "protocol": self.preset.fingerprint("dataset", "n_eval", "eps", "seed", "autoattack", "pgd_steps")})
+        weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in res.model.state_dict().values())).hexdigest()
+        eval_key = lambda p: digest({"kind": "eval", "model": weights,
+                                     "protocol": p.fingerprint("dataset", "n_eval", "eps", "seed", "autoattack", "pgd_steps")})
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
-        payload, _ = self.cache.json("eval", key, lambda: evaluate(res.model, x, y, self.preset, self.device, log).to_dict())
+
+        def build():
+            # A cached evaluation under a prefix of the cascade (e.g. before the preset gained Square) is resumed.
+            prefixes = (dataclasses.replace(self.preset, autoattack=a) for a in self.preset.autoattack.prefixes())
+            earlier = next(filter(None, (self.cache.load_json("eval", eval_key(p)) for p in prefixes)), None)
+            resume = Evaluation.from_dict(earlier) if earlier else None
+            return evaluate(res.model, x, y, self.preset, self.device, log, resume=resume).to_dict()
+
+        payload, _ = self.cache.json("eval", eval_key(self.preset), build)
         res.evaluation = Evaluation.from_dict(payload)
         res.duration_s += res.evaluation.duration_s
 

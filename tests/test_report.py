@@ -504,16 +504,27 @@ def test_write_moves_a_corrupt_report_aside_and_starts_anew(tmp_path, fake_sessi
     assert any(str(asides[0]) in line for line in fake_session.logged)
 
 
-def test_write_drops_records_of_an_older_protocol_and_says_so(tmp_path, fake_session):
+def test_write_moves_records_of_an_older_protocol_aside_and_says_so(tmp_path, fake_session):
     json_path = tmp_path / "smoke.json"
     old_protocol = smoke("lwm", protocol="smoke-e0-0000000000000000")
+    old_hydra = smoke("hydra", protocol="smoke-e0-0000000000000000")
     current = smoke("hydra", sparsity=95)
-    json_path.write_text(json.dumps({**document([old_protocol, current], preset="smoke")}))
+    json_path.write_text(json.dumps({**document([old_protocol, old_hydra, current], preset="smoke")}))
     report.write(tmp_path / "smoke.md", [smoke("hydra")], fake_session)
     doc = report.load(json_path)
     assert doc["records"] == [smoke("hydra"), current]
     assert doc["protocol"] == report.protocol_id(presets.SMOKE)
-    assert any("dropping 1 record(s) of an older protocol" in line for line in fake_session.logged)
+    # nothing is lost: the old lwm record is kept aside; the re-run hydra cell replaces its old record
+    assert doc["superseded"] == [old_protocol]
+    assert any("2 record(s)" in line and "moved to 'superseded'" in line for line in fake_session.logged)
+    md = (tmp_path / "smoke.md").read_text()
+    superseded = md.split("## Superseded records")[1].split("\n## ")[0]
+    assert "smoke-e0-0000000000000000" in superseded and "lwm" in superseded and "hydra" not in superseded
+    assert md == report.render_markdown(doc)
+    # re-running the lwm cell brings it back and empties the superseded list
+    report.write(tmp_path / "smoke.md", [smoke("lwm")], fake_session)
+    doc = report.load(json_path)
+    assert doc["superseded"] == [] and "## Superseded records" not in (tmp_path / "smoke.md").read_text()
 
 
 def test_write_refuses_a_report_of_another_preset(tmp_path, fake_session):
