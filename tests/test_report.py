@@ -91,7 +91,7 @@ def _fake_cell_result(outcomes, skip_reason=None, error=None, evaluated=True):
     res = SimpleNamespace(outcomes=dict(outcomes), skip_reason=skip_reason, error=error, duration_s=3.14159,
                           sparsity=sp if evaluated else None, evaluation=ev if evaluated else None,
                           budget={"pretrain": 3.0, "method": 2.0, "total": 5.0} if evaluated else None,
-                          known_failure=None)
+                          known_failure=None, inference=None)
     session = SimpleNamespace(preset=presets.SMOKE, device="cpu", started=_dt.datetime(2025, 1, 2, 3, 4, 5),
                               floors=lambda cell: (0.01, 0.5, 0.25))
     return cell, res, session
