@@ -8,6 +8,7 @@ models built from the same blocks (fast).
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -99,8 +100,8 @@ TINY_SHAPE = {"cnn": MNIST, "resnet": (3, 16, 16), "vgg": (3, 16, 16)}
 def test_compacted_model_gives_the_masked_outputs(arch, dataset, shape, structure):
     torch.manual_seed(0)
     masked = mask_randomly(randomize_constants(models.build(arch, dataset, 0), seed=1), structure, 0.75, seed=2)
-    c = compact.compact(masked, shape)  # verified inside: raises on a mismatch
-    assert compact.verify_same_outputs(masked, c.model, shape, n=3, seed=7) < 1e-4
+    c = compact.compact(masked, shape)  # verified inside (float64, random inputs): raises on a mismatch
+    assert c.max_abs_diff < 1e-4
     assert compact.count_params(c.model) < compact.count_params(masked)
     assert compact.count_flops(c.model, shape) < compact.count_flops(masked, shape)
     removed = c.removed_fraction(structure)
@@ -185,7 +186,7 @@ def test_carrier_channels_are_needed_for_zero_padded_consumers(monkeypatch):
 
 def test_verification_rejects_a_different_model():
     a = randomize_constants(TINY["cnn"](), seed=1)
-    b = randomize_constants(TINY["cnn"](), seed=1)
+    b = copy.deepcopy(a)
     assert compact.verify_same_outputs(a, b, MNIST) == 0
     with torch.no_grad():
         b.fc2.bias[0] += 1e-2
