@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -58,6 +59,17 @@ def cuda_peak_mib(model: torch.nn.Module, shape: tuple[int, ...], batch: int, de
     model.to(device).eval()(x)
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run_arch(arch: str, dataset: str, sparsities: list[float], batch: int, device: torch.device, warmup: int,
@@ -121,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     record = {
         "benchmark": "pruned_inference", "smoke": args.smoke, "structure": STRUCTURE, "masks": "random unit scores, local",
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads() if device.type == "cpu" else None, "batch": batch, "warmup": warmup,
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "load_average": os.getloadavg(),
+        "batch": batch, "warmup": warmup,
         "repeats": repeats, "seed": args.seed, "versions": versions(), "peak_rss_mib": peak_rss,
         "rows": rows, "headline": {"arch": head_arch, "filters": head["target"], "speedup": head["speedup"]},
     }
