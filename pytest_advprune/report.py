@@ -248,6 +248,12 @@ def _epochs(budget: dict | None) -> str:
     return f"{budget['pretrain']:g} + {budget['method']:g} = {budget['total']:g} of {budget['preset_budget']:g}"
 
 
+COST_NOTE = ("Parameters and FLOPs (one input, torch's `FlopCounterMode`) read `ours / dense`. Structured cells are "
+             "physically compacted (`pytest_advprune/compact.py`, outputs verified equal to the masked model's); their "
+             "latency speedup is the dense over the compacted median latency, measured on the device shown. Unstructured "
+             "cells count non-zero parameters and dense FLOPs and claim no speedup (the survey reports nominal sparsity only).")
+
+
 def _count(n: int | None) -> str:
     """``1234567`` -> ``1.23M``; ``–`` when not measured."""
     if n is None:
@@ -286,9 +292,10 @@ def _detail_table(doc: dict) -> str:
             + (f"; known failure: {r['known_failure']}" if r.get("known_failure") else "")
             + (f"; {error}" if error else ""),
         ])
-    return tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "epochs (pretrain + method)",
-                           "time s", "parameters", "FLOPs", "latency speedup", "per attack (%)"],
-                    tablefmt="github", disable_numparse=True)
+    table = tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "epochs (pretrain + method)",
+                            "time s", "parameters", "FLOPs", "latency speedup", "per attack (%)"],
+                     tablefmt="github", disable_numparse=True)
+    return table + "\n\n" + COST_NOTE
 
 
 def render_markdown(doc: dict) -> str:
@@ -313,12 +320,7 @@ def render_markdown(doc: dict) -> str:
     survey = _survey_table(doc)
     if survey:
         lines += ["## Beside the survey's published numbers", "", survey, ""]
-    lines += ["## Cells in detail", "", _detail_table(doc), "",
-              "Parameters and FLOPs (one input, torch's `FlopCounterMode`) read `ours / dense`. Structured cells are "
-              "physically compacted (`pytest_advprune/compact.py`, outputs verified equal to the masked model's); their "
-              "latency speedup is the dense over the compacted median latency, measured on the device shown. Unstructured "
-              "cells count non-zero parameters and dense FLOPs and claim no speedup (the survey reports nominal sparsity only).",
-              ""]
+    lines += ["## Cells in detail", "", _detail_table(doc), ""]
     tax = doc.get("taxonomy", {})
     if tax:
         cols = list(next(iter(tax.values())).keys())
