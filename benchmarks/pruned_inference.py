@@ -13,7 +13,7 @@ ResNet residual group a channel goes only where every member's mask drops it: th
     python benchmarks/pruned_inference.py [--device auto|cpu|cuda] [--out reports/benchmarks] [--smoke]
 
 Batch 256 on CUDA, 16 on CPU (one thread: ``torch.set_num_threads(1)``, for stable timings on a
-shared machine). Writes ``<out>/pruned_inference_<cpu|cuda>.json``; the last printed line is the
+shared machine; the JSON records the load average). Writes ``<out>/pruned_inference_<cpu|cuda>.json``; the last printed line is the
 headline ratio: ResNet18 at 90% filters, dense over compacted latency (goal on a GPU: >= 4x).
 ``--smoke`` runs the small CNN at 50/90% with a tiny batch (seconds; used by the test suite).
 """
