@@ -73,6 +73,8 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         rec["achieved_sparsity"] = res.sparsity.sparsity
         rec["weight_sparsity"] = res.sparsity.weight_sparsity
         rec["per_layer"] = {k: list(v) for k, v in res.sparsity.per_layer.items()}
+    if res.inference is not None:  # params, flops, latency_speedup, dense_params, dense_flops, inference
+        rec.update(res.inference)
     if res.evaluation is not None:
         ev = res.evaluation
         tol, min_clean, min_robust = session.floors(cell)
@@ -250,26 +252,54 @@ def _epochs(budget: dict | None) -> str:
     return f"{budget['pretrain']:g} + {budget['method']:g} = {budget['total']:g} of {budget['preset_budget']:g}"
 
 
+COST_NOTE = ("Parameters and FLOPs (one input, torch's `FlopCounterMode`) read `ours / dense`. Structured cells are "
+             "physically compacted (`pytest_advprune/compact.py`, outputs verified equal to the masked model's); their "
+             "latency speedup is the dense over the compacted median latency, measured on the device shown. Unstructured "
+             "cells count non-zero parameters and dense FLOPs and claim no speedup (the survey reports nominal sparsity only).")
+
+
+def _count(n: int | None) -> str:
+    """``1234567`` -> ``1.23M``; ``–`` when not measured."""
+    if n is None:
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _cost(r: dict) -> list[str]:
+    """Detail-table cells ``parameters``, ``FLOPs`` (ours / dense) and ``latency speedup`` of a record."""
+    if "dense_params" not in r:
+        return ["–", "–", "–"]
+    speedup = r.get("latency_speedup")
+    lat = "–" if speedup is None else f"{speedup:.2f}x ({r['inference']['device']})"
+    return [f"{_count(r.get('params'))} / {_count(r['dense_params'])}", f"{_count(r.get('flops'))} / {_count(r.get('dense_flops'))}", lat]
+
+
 def _detail_table(doc: dict) -> str:
     rows = []
     for r in doc["records"]:
+        error = (r.get("inference") or {}).get("error")
         if "clean_acc" not in r:
             reason = r.get("skip_reason") or r.get("error") or ""
             rows.append([f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
-                         "–", "–", "–", "–", "–", reason])
+                         "–", "–", "–", "–", "–", *_cost(r), reason])
             continue
         attacks = ", ".join(f"{k} {_pct(v)}" for k, v in r["robust_acc"].items() if k != "worst_case")
         lo, hi = r["ci95"]["robust"]
         rows.append([
             f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
             _pct(r.get("achieved_sparsity")), f"{_pct(r['clean_acc'])}", f"{_pct(r['robust_acc']['worst_case'])} "
-            f"[{_pct(lo)}, {_pct(hi)}]", _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}",
+            f"[{_pct(lo)}, {_pct(hi)}]", _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}", *_cost(r),
             attacks + ("; warnings: " + " | ".join(r["attack_warnings"]) if r["attack_warnings"] else "")
-            + (f"; known failure: {r['known_failure']}" if r.get("known_failure") else ""),
+            + (f"; known failure: {r['known_failure']}" if r.get("known_failure") else "")
+            + (f"; {error}" if error else ""),
         ])
-    return tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "epochs (pretrain + method)",
-                           "time s", "per attack (%)"],
-                    tablefmt="github", disable_numparse=True)
+    table = tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "epochs (pretrain + method)",
+                            "time s", "parameters", "FLOPs", "latency speedup", "per attack (%)"],
+                     tablefmt="github", disable_numparse=True)
+    return table + "\n\n" + COST_NOTE
 
 
 def _superseded_table(doc: dict) -> str | None:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import __version__, data, models, registry, report
+from . import __version__, compact, data, models, registry, report
 from .cache import Cache, digest
 from .errors import AdvPruneError, BadOption
 from .evaluate import Evaluation, check_finite, evaluate
@@ -176,14 +176,15 @@ class CellResult:
     model: nn.Module | None = field(default=None, repr=False)
     budget: dict[str, float] | None = None
     known_failure: str | None = None
+    inference: dict | None = None
 
 
 def versions() -> dict[str, str]:
-    """Versions that affect results: python, torch, torchvision, pyautoattack, this package."""
+    """Versions that affect results: python, torch, torchvision, pyautoattack, torch-pruning, this package."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "pytest-advprune": __version__, "torch": torch.__version__}
-    for pkg in ("torchvision", "pyautoattack"):
+    for pkg in ("torchvision", "pyautoattack", "torch-pruning"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -378,6 +379,8 @@ class AdvPruneSession:
         res.sparsity = measure(model, res.cell.structure)
         res.duration_s = meta.get("prune_s", 0.0)
         res.budget = meta.get("budget")
+        info = data.DATASETS[res.cell.dataset]  # parameters, FLOPs, latency: measured, never cached, never failing
+        res.inference = compact.inference_cost(model, res.cell.structure, (info.channels, info.size, info.size), self.device)
 
     def _build_evaluation(self, res: CellResult) -> None:
         x, y = self._split(False)

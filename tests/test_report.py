@@ -91,7 +91,7 @@ def _fake_cell_result(outcomes, skip_reason=None, error=None, evaluated=True):
     res = SimpleNamespace(outcomes=dict(outcomes), skip_reason=skip_reason, error=error, duration_s=3.14159,
                           sparsity=sp if evaluated else None, evaluation=ev if evaluated else None,
                           budget={"pretrain": 3.0, "method": 2.0, "total": 5.0} if evaluated else None,
-                          known_failure=None)
+                          known_failure=None, inference=None)
     session = SimpleNamespace(preset=presets.SMOKE, device="cpu", started=_dt.datetime(2025, 1, 2, 3, 4, 5),
                               floors=lambda cell: (0.01, 0.5, 0.25))
     return cell, res, session
@@ -361,12 +361,15 @@ def golden_doc() -> dict:
     return document(
         report.merge([], [
             record("dense", structure="dense", sparsity=0, clean=0.8231, robust=0.4877),
-            record("hydra", clean=0.7674, robust=0.4334),
+            record("hydra", clean=0.7674, robust=0.4334, params=1126942, flops=1110845440, latency_speedup=None,
+                   dense_params=11173962, dense_flops=1110845440, inference={"note": "unstructured"}),
             record("hydra", sparsity=99, clean=0.7012, robust=0.3755, status="FAIL"),
             record("lwm", clean=0.7505, robust=0.4334, attack_warnings=["gradient masking suspected"]),
             record("lwm", sparsity=99, evaluated=False, status="ERROR"),
             record("rst", sparsity=90, clean=0.6092, robust=0.1431, status="XFAIL", known_failure="no weight training"),
-            record("lwm", structure="filters", sparsity=50, clean=0.7, robust=0.35, train_epochs=None),
+            record("lwm", structure="filters", sparsity=50, clean=0.7, robust=0.35, train_epochs=None, params=2934101,
+                   flops=283201536, latency_speedup=3.4166, dense_params=11173962, dense_flops=1110845440,
+                   inference={"device": "cuda:0", "removed_fraction": 0.4}),
             record("hydra", structure="filters", sparsity=50, evaluated=False, status="SKIP"),
         ]),
         taxonomy={
