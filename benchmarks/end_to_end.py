@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments for the timed run, e.g. '-n 2'")
     args = ap.parse_args(argv)
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("end_to_end: --device cuda but no CUDA device here; use --device cpu or auto")
     registry.load_builtin()
     preset = presets.get("smoke" if args.smoke else "quick")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
