@@ -38,13 +38,13 @@ def protocol_id(preset) -> str:
     return f"{preset.name}-e{ENGINE_VERSION}-{preset.fingerprint()}"
 
 
-def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", versions: dict[str, str]) -> dict[str, Any]:
-    """One JSON record per cell. Accuracies and sparsities are fractions in [0, 1]."""
-    p = session.preset
-    outcomes = res.outcomes
-    if res.skip_reason:
+def record_status(outcomes: dict[str, str], skip_reason: str | None, error: str | None) -> tuple[str, bool | None]:
+    """``(status, passed)`` of a cell from its checks' outcomes (``sparsity``/``clean``/``robust`` ->
+    ``passed``/``failed``/``skipped``/``xfailed``): SKIP, ERROR, not run, FAIL, XFAIL, PASS or partial;
+    ``passed`` is None for SKIP, partial and not run."""
+    if skip_reason:
         status = "SKIP"
-    elif res.error:
+    elif error:
         status = "ERROR"
     elif not outcomes:
         status = "not run"
@@ -57,10 +57,18 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         status = "PASS"
     else:
         status = "partial"
+    return status, {"PASS": True, "FAIL": False, "XFAIL": False, "ERROR": False}.get(status)
+
+
+def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", versions: dict[str, str]) -> dict[str, Any]:
+    """One JSON record per cell. Accuracies and sparsities are fractions in [0, 1]."""
+    p = session.preset
+    outcomes = res.outcomes
+    status, passed = record_status(outcomes, res.skip_reason, res.error)
     rec: dict[str, Any] = {
         "method": cell.method, "preset": p.name, "dataset": cell.dataset, "arch": cell.arch,
         "structure": cell.structure, "target_sparsity": cell.sparsity / 100,
-        "status": status, "passed": {"PASS": True, "FAIL": False, "XFAIL": False, "ERROR": False}.get(status),
+        "status": status, "passed": passed,
         "known_failure": res.known_failure,
         "checks": dict(outcomes), "skip_reason": res.skip_reason, "error": res.error,
         "protocol": protocol_id(p),
@@ -137,6 +145,25 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
     fresh = {_key(r): r for r in new}
     kept = [r for r in old if _key(r) not in fresh]
     return sorted(kept + list(fresh.values()), key=lambda r: tuple(str(v) for v in _key(r)))
+
+
+def combine(records: list[dict]) -> list[dict]:
+    """One record per cell, in order of first appearance. Records of one cell from several processes
+    (pytest-xdist workers that each ran some of its checks, e.g. under ``--dist load``) are joined:
+    check outcomes united, measured fields from the record with the most fields, the first error
+    kept (a cell that errored in one process never passes), and the verdict recomputed."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(_key(rec), []).append(rec)
+    out = []
+    for group in groups.values():
+        rec = dict(max(group, key=len))
+        if len(group) > 1:
+            rec["checks"] = {k: v for r in group for k, v in r["checks"].items()}
+            rec["error"] = next((r["error"] for r in group if r.get("error")), None)
+            rec["status"], rec["passed"] = record_status(rec["checks"], rec.get("skip_reason"), rec["error"])
+        out.append(rec)
+    return out
 
 
 def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tuple[Path, Path]:

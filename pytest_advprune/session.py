@@ -289,6 +289,28 @@ class AdvPruneSession:
             robust if c.min_robust is None else c.min_robust,
         )
 
+    # ---------------------------------------------------------------- cache keys
+
+    def dense_key(self, arch: str) -> str:
+        """Cache key of the preset's dense model for ``arch`` (kind ``dense``)."""
+        p = self.preset
+        return digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch})
+
+    def pruned_key(self, cell: Cell) -> str:
+        """Cache key of ``cell``'s pruned model (kind ``pruned``): cell, method source, training budgets."""
+        return digest({
+            "kind": "pruned", "cell": cell.id, "method_source": _source_digest(registry.get(cell.method)),
+            "preset": self.preset.fingerprint("dataset", "n_train", "eps", "seed", "dense_train", "prune_train", "finetune"),
+        })
+
+    def eval_key(self, model: nn.Module, preset: Preset | None = None) -> str:
+        """Cache key of ``model``'s evaluation (kind ``eval``): its weights and the attack protocol
+        (of ``preset``, default the run's)."""
+        weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
+        return digest({"kind": "eval", "model": weights.hexdigest(),
+                       "protocol": (preset or self.preset).fingerprint("dataset", "n_eval", "eps", "seed", "autoattack",
+                                                                        "pgd_steps")})
+
     # ---------------------------------------------------------------- building
 
     def _split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +325,7 @@ class AdvPruneSession:
         if arch in self._dense:
             return self._dense[arch]
         p = self.preset
-        key = digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch})
+        key = self.dense_key(arch)
 
         def build():
             x, y = self._split(True)
@@ -325,10 +347,7 @@ class AdvPruneSession:
         if self.config.checkpoint is not None:
             return load_checkpoint_model(self.config.checkpoint, p.seed).to(self.device).eval(), {"prune_s": 0.0}
         cls = registry.get(cell.method)
-        key = digest({
-            "kind": "pruned", "cell": cell.id, "method_source": _source_digest(cls),
-            "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train", "prune_train", "finetune"),
-        })
+        key = self.pruned_key(cell)
 
         def build():
             dense = self.dense_model(cell.arch)
@@ -384,19 +403,16 @@ class AdvPruneSession:
 
     def _build_evaluation(self, res: CellResult) -> None:
         x, y = self._split(False)
-        weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in res.model.state_dict().values())).hexdigest()
-        eval_key = lambda p: digest({"kind": "eval", "model": weights,
-                                     "protocol": p.fingerprint("dataset", "n_eval", "eps", "seed", "autoattack", "pgd_steps")})
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
 
         def build():
             # A cached evaluation under a prefix of the cascade (e.g. before the preset gained Square) is resumed.
             prefixes = (dataclasses.replace(self.preset, autoattack=a) for a in self.preset.autoattack.prefixes())
-            earlier = next(filter(None, (self.cache.load_json("eval", eval_key(p)) for p in prefixes)), None)
+            earlier = next(filter(None, (self.cache.load_json("eval", self.eval_key(res.model, p)) for p in prefixes)), None)
             resume = Evaluation.from_dict(earlier) if earlier else None
             return evaluate(res.model, x, y, self.preset, self.device, log, resume=resume).to_dict()
 
-        payload, _ = self.cache.json("eval", eval_key(self.preset), build)
+        payload, _ = self.cache.json("eval", self.eval_key(res.model), build)
         res.evaluation = Evaluation.from_dict(payload)
         res.duration_s += res.evaluation.duration_s
 
@@ -443,9 +459,14 @@ class AdvPruneSession:
             out.append(report.make_record(cell, res, self, vers))
         return out
 
-    def finish(self) -> tuple[Path, Path] | None:
-        """Merge this run's cells into the report files; returns their paths, or None if nothing ran."""
-        recs = [r for r in self.records() if r["status"] != "not run"]
+    def run_records(self) -> list[dict]:
+        """Records of the cells this process ran checks of (cells never reached are left out)."""
+        return [r for r in self.records() if r["status"] != "not run"]
+
+    def finish(self, records: list[dict] | None = None) -> tuple[Path, Path] | None:
+        """Merge ``records`` (default: this process's :meth:`run_records`; a pytest-xdist controller
+        passes its workers') into the report files; returns their paths, or None if there are none."""
+        recs = self.run_records() if records is None else records
         if not recs:
             return None
         return report.write(self.config.report_md(), recs, self)
