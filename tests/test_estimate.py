@@ -26,8 +26,9 @@ def test_train_passes_count_the_attack_steps_and_the_training_step():
 
 
 def test_eval_passes_follow_the_cascade():
-    # quick: clean forward, PGD-20 on all points, APGD-CE on the correct ones, APGD-T (3 targets) on the robust ones
-    assert eval_passes(presets.QUICK, 0.8, 0.5) == pytest.approx(1000 * (1 / 3 + 20 + 0.8 * 100 + 0.5 * 300))
+    # quick: clean forward, PGD-20 on all points, APGD-CE on the correct ones, then on the robust ones APGD-T
+    # (3 targets) and Square (1000 queries, forwards: a third of a pass each)
+    assert eval_passes(presets.QUICK, 0.8, 0.5) == pytest.approx(1000 * (1 / 3 + 20 + 0.8 * 100 + 0.5 * (300 + 1000 / 3)))
     # standard: APGD-T and FAB-T with 9 targets, Square's 5000 queries are forwards (a third of a pass)
     cifar = presets.PRESETS["cifar10"]
     expected = 10000 * (1 / 3 + 20 + 1.0 * 100 + 0.5 * (900 + 900 + 5000 / 3))
