@@ -12,7 +12,9 @@ combine on one figure) and written atomically as PNG beside the markdown report,
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from .files import atomic_write_bytes
 
 GRID_POINTS = 400
 LINF_RANGE = 4.0  # Linf x axis: [0, LINF_RANGE * eps]
+INDEX = "_index.json"
 
 
 def curves_dir(md_path: Path) -> Path:
@@ -100,12 +103,26 @@ def _draw(records: list[dict], norm: str, title: str) -> bytes:
 
 
 def write_curves(doc: dict, md_path: Path) -> list[Path]:
-    """Draw every figure of ``doc`` into :func:`curves_dir` of ``md_path``; returns the written paths."""
+    """Draw every figure of ``doc`` into :func:`curves_dir` of ``md_path``; returns the figures' paths.
+
+    A figure whose inputs (methods, distances, eps, title) did not change since it was drawn is kept:
+    ``_index.json`` in the folder holds a digest of each figure's inputs."""
     out = []
     folder = curves_dir(Path(md_path))
+    index_path = folder / INDEX
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    fresh = {}
     for (name, norm), records in sorted(_figures(doc).items()):
-        title = name.removesuffix(".png").replace("-", " ")
+        title = f"{doc.get('preset', '')}: {name.removesuffix('.png').replace('-', ' ')}"
+        inputs = [title, norm] + [[r["method"], r["fmn"]["eps"], r["fmn"]["norms"][norm]["distances"]] for r in records]
+        fresh[name] = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
         path = folder / name
-        atomic_write_bytes(path, _draw(records, norm, f"{doc.get('preset', '')}: {title}"))
+        if index.get(name) != fresh[name] or not path.exists():
+            atomic_write_bytes(path, _draw(records, norm, title))
         out.append(path)
+    if fresh and fresh != index:
+        atomic_write_bytes(index_path, json.dumps({**index, **fresh}, indent=0, sort_keys=True).encode())
     return out

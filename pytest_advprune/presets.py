@@ -123,7 +123,7 @@ SMOKE = Preset(
         "about 15-25 points below, far above what a collapsed model (about 10% / 0%) reaches.",
     ),
     attack_choice="smoke runs a tiny APGD-CE + APGD-T budget; its robust numbers are not comparable with quick.",
-    fmn=FMNSpec(steps=20, tune_steps=10, tune_points=16, tune_split="test", losses=("logit",), schedulers=("cosine",),
+    fmn=FMNSpec(steps=10, tune_steps=5, tune_points=8, tune_split="test", losses=("logit",), schedulers=("cosine",),
                 step_sizes=(("linf", "sgd", (10.0,)), ("linf", "adam", (0.03,)), ("l2", "sgd", (1.0,)), ("l2", "adam", (0.05,)))),
 )
 

@@ -88,7 +88,7 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
             "per_point": {"clean": ev.clean.flags, "robust": ev.robust.flags},
             "ci95_attacks": {k: list(v.ci95) for k, v in ev.attacks.items()},
         })
-        if ev.fmn is not None:
+        if getattr(ev, "fmn", None) is not None:
             rec["fmn"] = _fmn_record(ev, p.eps)
     return rec
 

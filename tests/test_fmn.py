@@ -210,5 +210,38 @@ def test_presets_carry_an_fmn_spec():
         assert p.fmn is not None and "linf" in p.fmn.norms and p.fmn.grid("linf")
         assert "minimum-norm attack" in p.header()
     assert presets.PRESETS["cifar10"].fmn.tune_split == "train"  # its evaluation takes the whole test split
-    smoke = presets.SMOKE.fmn
-    assert smoke.tuning_cost() + len(smoke.norms) * smoke.steps * presets.SMOKE.n_eval < 10_000  # seconds on a CPU
+    # smoke's FMN costs at most what its PGD + AutoAttack subset does (forward+backward passes of one point)
+    p, smoke = presets.SMOKE, presets.SMOKE.fmn
+    attack_passes = p.n_eval * (p.pgd_steps + p.autoattack.apgd_iters * (1 + p.autoattack.n_target_classes))
+    assert smoke.tuning_cost() + len(smoke.norms) * smoke.steps * p.n_eval <= attack_passes
+
+
+def test_smoke_dense_cell_has_fmn_in_its_verdict_record_and_cache(dense_cache, tmp_path):
+    """The session runs FMN as the third fixed attack of a cell (smoke preset, cached dense model),
+    caches it in its own kind and keeps the AutoAttack evaluation entry as it was."""
+    from pytest_advprune import registry, report
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
+
+    registry.load_builtin()
+    evals_before = sorted(p.name for p in (dense_cache / "eval").glob("*.json"))
+    session = AdvPruneSession(RunConfig(presets.SMOKE, ["dense"], device="cpu", cache_dir=str(dense_cache),
+                                        report_path=str(tmp_path / "smoke.md")))
+    cell = Cell("dense", "fashion_mnist", "cnn", "dense", 0)
+    res = session.result(cell)
+    assert res.error is None, res.error
+    ev = res.evaluation
+    linf = ev.fmn.norms["linf"]
+    assert len(linf.distances) == presets.SMOKE.n_eval and set(ev.fmn.norms) == {"linf", "l2"}
+    assert ev.attacks[FMN_LINF].tensor().equal(fmn.robust_flags(linf.distances, presets.SMOKE.eps))
+    everything = ev.clean.tensor()
+    for acc in ev.attacks.values():
+        everything &= acc.tensor()
+    assert ev.robust.tensor().equal(everything)
+    assert "FMN-Linf" in session.check(cell, "robust").message
+    assert sorted(p.name for p in (dense_cache / "eval").glob("*.json")) == evals_before
+    assert len(list((dense_cache / "fmn").glob("*.json"))) >= 1
+    for kind in ("clean", "robust"):
+        session.record(cell, kind, "passed")
+    rec = report.make_record(cell, res, session, versions())
+    assert rec["versions"]["secml-torch"] != "absent"
+    assert json.loads(json.dumps(rec, allow_nan=False))["fmn"]["robust"]["worst_case"][0] == ev.robust.acc
