@@ -1,16 +1,17 @@
 """Clean and robust accuracy with per-point outcomes and 95% Wilson intervals.
 
 Robust accuracy of a preset is the point-wise worst case over its fixed attacks: a point counts
-as robust only if it is classified correctly clean and under every attack. Per-point flags are
-kept (as ``0``/``1`` strings) so that two models evaluated on the same points can be compared
-with a paired test later.
+as robust only if it is classified correctly clean and under every attack (PGD, AutoAttack and,
+when the preset has an FMN spec, FMN-Linf at the preset's eps, see :func:`with_fmn`). Per-point
+flags are kept (as ``0``/``1`` strings) so that two models evaluated on the same points can be
+compared with a paired test (:mod:`pytest_advprune.stats`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from .attacks import pgd_robust_flags, predict, run_autoattack
 from .errors import NonFiniteModel
+from .fmn import FMNResult, robust_flags
 from .presets import Preset
 
 
@@ -64,14 +66,21 @@ class Evaluation:
     robust: Accuracy
     warnings: list[str]
     duration_s: float
+    fmn: FMNResult | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("fmn")
+        if self.fmn is not None:
+            d["fmn"] = self.fmn.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Evaluation":
         acc = lambda a: Accuracy(a["name"], a["correct"], a["n"], a["acc"], tuple(a["ci95"]), a["flags"])
-        return cls(acc(d["clean"]), {k: acc(v) for k, v in d["attacks"].items()}, acc(d["robust"]), d["warnings"], d["duration_s"])
+        fmn = FMNResult.from_dict(d["fmn"]) if d.get("fmn") else None
+        return cls(acc(d["clean"]), {k: acc(v) for k, v in d["attacks"].items()}, acc(d["robust"]), d["warnings"],
+                   d["duration_s"], fmn)
 
 
 def check_finite(model: nn.Module) -> None:
@@ -130,3 +139,21 @@ def evaluate(
         warnings=list(dict.fromkeys((resume.warnings if resume else []) + outcome.warnings)),
         duration_s=time.perf_counter() - t0 + (resume.duration_s if resume else 0.0),
     )
+
+
+FMN_LINF = "FMN-Linf"
+
+
+def with_fmn(ev: Evaluation, result: FMNResult, eps: float) -> Evaluation:
+    """``ev`` with FMN as a further fixed attack: ``attacks["FMN-Linf"]`` (robust iff the point's
+    FMN Linf distance is > ``eps``, see :mod:`pytest_advprune.fmn`) and ``robust`` the point-wise
+    worst case over PGD, AutoAttack and FMN-Linf. Without a Linf run, only ``fmn`` is attached.
+    Raises ValueError if ``result`` covers another number of points than ``ev``."""
+    if "linf" not in result.norms:
+        return replace(ev, fmn=result)
+    flags = robust_flags(result.norms["linf"].distances, eps)
+    if len(flags) != ev.clean.n:
+        raise ValueError(f"FMN distances for {len(flags)} points, evaluation of {ev.clean.n}")
+    flags &= ev.clean.tensor()
+    attacks = {**ev.attacks, FMN_LINF: Accuracy.from_flags(FMN_LINF, flags)}
+    return replace(ev, attacks=attacks, robust=Accuracy.from_flags("robust", ev.robust.tensor() & flags), fmn=result)

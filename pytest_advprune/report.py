@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 from tabulate import tabulate
 
+from .curves import curves_dir, figure_name, write_curves
 from .errors import AdvPruneError
 from .files import atomic_write_bytes
 from .published import SURVEY
@@ -95,8 +96,42 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
             "attack_warnings": ev.warnings,
             "eval_s": round(ev.duration_s, 2),
             "per_point": {"clean": ev.clean.flags, "robust": ev.robust.flags},
+            "ci95_attacks": {k: list(v.ci95) for k, v in ev.attacks.items()},
         })
+        if getattr(ev, "fmn", None) is not None:
+            rec["fmn"] = _fmn_record(ev, p.eps)
     return rec
+
+
+def _fmn_record(ev, eps: float) -> dict[str, Any]:
+    """The FMN part of a record: ``norms`` as :meth:`FMNResult.to_dict` writes them (per-point
+    distances rounded to 6 significant digits, ``null`` = +inf = no adversarial example found;
+    the tuned ``config``, its ``config_label`` and every tuning score), each norm's median distance (``null`` = +inf),
+    seconds of FMN beside AutoAttack + PGD, and AutoAttack / FMN-Linf / worst-case robust accuracy as
+    ``[acc, ci95 low, ci95 high]``. ``fmn_missed``: points PGD or AutoAttack broke at eps that FMN-Linf
+    did not; ``fmn_only``: points only FMN-Linf broke."""
+    from .evaluate import FMN_LINF
+
+    out = {**ev.fmn.to_dict(), "eps": eps,
+           "median": {n: None if math.isinf(r.median()) else r.median() for n, r in ev.fmn.norms.items()},
+           "seconds": {"fmn": round(ev.fmn.seconds, 2), "autoattack_pgd": round(ev.duration_s, 2)}}
+    for norm, r in ev.fmn.norms.items():
+        out["norms"][norm]["config_label"] = r.config.label()
+    robust = {"worst_case": [ev.robust.acc, *ev.robust.ci95]}
+    aa = [a for k, a in ev.attacks.items() if k.startswith("AA:")]
+    if aa:
+        robust["autoattack"] = [aa[-1].acc, *aa[-1].ci95]  # the cascade's cumulative flags after its last attack
+    if FMN_LINF in ev.attacks:
+        fmn = ev.attacks[FMN_LINF]
+        robust["fmn_linf"] = [fmn.acc, *fmn.ci95]
+        others = ev.clean.tensor()
+        for k, a in ev.attacks.items():
+            if k != FMN_LINF:
+                others = others & a.tensor()
+        out["fmn_missed"] = int((~others & fmn.tensor()).sum())
+        out["fmn_only"] = int((others & ~fmn.tensor()).sum())
+    out["robust"] = robust
+    return out
 
 
 class ReportMismatch(AdvPruneError):
@@ -196,8 +231,10 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
                 cls = registry.get(name)
                 doc["taxonomy"][name] = cls.taxonomy.row(cls.structures)
         doc["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        doc["curves_dir"] = curves_dir(md_path).name
         text = json.dumps(doc, indent=1) + "\n"
         atomic_write_bytes(json_path, text.encode())
+        write_curves(json.loads(text), md_path)
         atomic_write_bytes(md_path, render_markdown(json.loads(text)).encode())  # exactly what the JSON renders to
     return md_path, json_path
 
@@ -253,9 +290,76 @@ def leaderboard_tables(doc: dict, markdown: bool = True) -> list[tuple[str, str]
                     row.append(_cell_text(rec, is_best and col[1] != 0, markdown))
                 body.append(row)
             headers = ["method"] + [f"{a} dense" if s == 0 else f"{a} {s}%" for a, s in cols]
-            kind = "unstructured" if structure == "weights" else "structured"
-            out.append((f"{dataset}, {kind} ({structure}): clean / robust accuracy (%)", tabulate(body, headers, tablefmt=fmt, disable_numparse=True)))
+            out.append((_table_title(dataset, structure), tabulate(body, headers, tablefmt=fmt, disable_numparse=True)))
     return out
+
+
+def _table_title(dataset: str, structure: str) -> str:
+    kind = "unstructured" if structure == "weights" else "structured"
+    return f"{dataset}, {kind} ({structure}): clean / robust accuracy (%)"
+
+
+def mcnemar_notes(doc: dict, alpha: float = 0.05) -> dict[str, str]:
+    """``{leaderboard table title: note}``: per column (arch, sparsity) of each table, the methods whose
+    robust accuracy McNemar's test (:mod:`pytest_advprune.stats`, Holm-corrected within the column)
+    does not tell apart from the column's best at ``alpha``. Uses the records' per-point robust flags;
+    columns with fewer than two such records are left out."""
+    from .stats import ties_with_best
+
+    by_table: dict[str, list[str]] = {}
+    usable = [r for r in doc["records"] if r["status"] not in ("SKIP", "ERROR") and (r.get("per_point") or {}).get("robust")
+              and r["structure"] != "dense"]
+    for dataset, structure, arch, sparsity in sorted({(r["dataset"], r["structure"], r["arch"], r["target_sparsity"])
+                                                      for r in usable}):
+        col = [r for r in usable if (r["dataset"], r["structure"], r["arch"], r["target_sparsity"]) ==
+               (dataset, structure, arch, sparsity)]
+        if len(col) < 2 or len({len(r["per_point"]["robust"]) for r in col}) > 1:
+            continue
+        best, ties = ties_with_best({r["method"]: r["per_point"]["robust"] for r in col},
+                                    {r["method"]: r["robust_acc"]["worst_case"] for r in col}, alpha)
+        tied = ", ".join(f"{m} (p = {p:.2g})" for m, p in ties.items()) or "none"
+        by_table.setdefault(_table_title(dataset, structure), []).append(
+            f"{arch} {round(100 * sparsity)}%: best {best}; not distinguishable from it: {tied}")
+    return {title: (f"Paired test of robust accuracy per column (McNemar 1947, exact binomial under 25 discordant "
+                    f"points; Holm-corrected within a column; alpha = {alpha}): " + "; ".join(parts) + ".")
+            for title, parts in by_table.items()}
+
+
+def _median(v) -> str:
+    return "∞" if v is None else f"{v:.4g}"
+
+
+def _acc_ci(triple: list[float] | None) -> str:
+    if not triple:
+        return "–"
+    acc, lo, hi = triple
+    return f"{_pct(acc)} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _fmn_table(doc: dict) -> str | None:
+    """The minimum-norm section: per evaluated cell, AutoAttack / FMN-Linf / worst-case robust accuracy,
+    FMN's median distances, tuned configurations, seconds and links to the security curves."""
+    rows = []
+    folder = doc.get("curves_dir")
+    for r in doc["records"]:
+        f = r.get("fmn")
+        if not f:
+            continue
+        norms = f["norms"]
+        links = " ".join(f"[{n}]({folder}/{figure_name(r, n)})" for n in norms) if folder else "–"
+        rows.append([
+            f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}",
+            _acc_ci(f["robust"].get("autoattack")), _acc_ci(f["robust"].get("fmn_linf")), _acc_ci(f["robust"]["worst_case"]),
+            f"{f.get('fmn_missed', '–')} / {f.get('fmn_only', '–')}",
+            " / ".join(_median(f["median"].get(n)) for n in ("linf", "l2") if n in norms),
+            "; ".join(f"{n} {v['config_label']}" for n, v in norms.items()),
+            f"{f['seconds']['fmn']:.0f} / {f['seconds']['autoattack_pgd']:.0f}", links,
+        ])
+    if not rows:
+        return None
+    return tabulate(rows, ["cell", "AutoAttack robust % [95% CI]", "FMN-Linf robust % [95% CI]", "worst case % [95% CI]",
+                           "FMN missed / only FMN (points)", "FMN median distance (Linf / L2)", "tuned FMN",
+                           "time s (FMN / AA+PGD)", "security curves"], tablefmt="github", disable_numparse=True)
 
 
 def _survey_table(doc: dict) -> str | None:
@@ -317,14 +421,16 @@ def _detail_table(doc: dict) -> str:
         lo, hi = r["ci95"]["robust"]
         rows.append([
             f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
-            _pct(r.get("achieved_sparsity")), f"{_pct(r['clean_acc'])}", f"{_pct(r['robust_acc']['worst_case'])} "
+            _pct(r.get("achieved_sparsity")), _acc_ci([r["clean_acc"], *r["ci95"]["clean"]]),
+            f"{_pct(r['robust_acc']['worst_case'])} "
             f"[{_pct(lo)}, {_pct(hi)}]", _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}", *_cost(r),
             attacks + ("; warnings: " + " | ".join(r["attack_warnings"]) if r["attack_warnings"] else "")
             + (f"; known failure: {r['known_failure']}" if r.get("known_failure") else "")
             + (f"; {error}" if error else ""),
         ])
-    table = tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "epochs (pretrain + method)",
-                            "time s", "parameters", "FLOPs", "latency speedup", "per attack (%)"],
+    table = tabulate(rows, ["cell", "verdict", "sparsity %", "clean % [95% CI]", "robust % [95% CI]",
+                            "epochs (pretrain + method)", "time s", "parameters", "FLOPs", "latency speedup",
+                            "per attack (%)"],
                      tablefmt="github", disable_numparse=True)
     return table + "\n\n" + COST_NOTE
 
@@ -352,8 +458,11 @@ def render_markdown(doc: dict) -> str:
     lines = [f"# pytest-advprune report: preset `{doc['preset']}`", "",
              "Generated from the JSON beside this file by pytest-advprune; do not edit by hand.", "",
              tabulate([[k, v] for k, v in header.items()], ["", ""], tablefmt="github", disable_numparse=True), ""]
+    notes = mcnemar_notes(doc)
     for title, table in leaderboard_tables(doc):
         lines += [f"## {title}", "", table, ""]
+        if title in notes:
+            lines += [notes[title], ""]
     lines += ["Cells read `clean / robust` accuracy in percent on the evaluation points; robust is the point-wise "
               "worst case over the preset's attacks; the best robust accuracy per column is bold; PASS/FAIL is the "
               "cell's conformance verdict (sparsity, clean and robust floors); XFAIL is a failure the method declares as "
@@ -361,6 +470,14 @@ def render_markdown(doc: dict) -> str:
     survey = _survey_table(doc)
     if survey:
         lines += ["## Beside the survey's published numbers", "", survey, ""]
+    fmn = _fmn_table(doc)
+    if fmn:
+        lines += ["## Minimum-norm attack (FMN) and security curves", "", fmn, "",
+                  "FMN-Linf is robust at the preset's eps when its smallest Linf adversarial distance is > eps "
+                  "(equal counts as broken); a point FMN found no adversarial example for has distance ∞ (`null` in "
+                  "the JSON), a misclassified clean point 0. The worst case takes every attack point by point. "
+                  "`FMN missed`: points PGD or AutoAttack broke at eps that FMN did not; `only FMN`: the reverse. "
+                  "FMN is tuned per model on points disjoint from the evaluated ones (see the header).", ""]
     lines += ["## Cells in detail", "", _detail_table(doc), ""]
     superseded = _superseded_table(doc)
     if superseded:
@@ -539,7 +656,9 @@ def main(argv: list[str] | None = None) -> int:
             print(regression_table(rows))
             status = 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    merged["curves_dir"] = curves_dir(args.output).name
     atomic_write_bytes(json_path, (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode())
+    write_curves(merged, args.output)
     atomic_write_bytes(args.output, render_markdown(merged).encode())
     return status
 

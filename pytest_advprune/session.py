@@ -26,7 +26,8 @@ from torch import nn
 from . import __version__, compact, data, models, registry, report
 from .cache import Cache, digest
 from .errors import AdvPruneError, BadOption
-from .evaluate import Evaluation, check_finite, evaluate
+from .evaluate import Evaluation, check_finite, evaluate, with_fmn
+from .fmn import FMNResult, run_fmn
 from .presets import Preset
 from .sparsity import SparsityReport, measure
 from .training import TrainSpec, adversarial_train
@@ -180,11 +181,11 @@ class CellResult:
 
 
 def versions() -> dict[str, str]:
-    """Versions that affect results: python, torch, torchvision, pyautoattack, torch-pruning, this package."""
+    """Versions that affect results: python, torch, torchvision, pyautoattack, torch-pruning, secml-torch, this package."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "pytest-advprune": __version__, "torch": torch.__version__}
-    for pkg in ("torchvision", "pyautoattack", "torch-pruning"):
+    for pkg in ("torchvision", "pyautoattack", "torch-pruning", "secml-torch"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -415,6 +416,41 @@ class AdvPruneSession:
         payload, _ = self.cache.json("eval", self.eval_key(res.model), build)
         res.evaluation = Evaluation.from_dict(payload)
         res.duration_s += res.evaluation.duration_s
+        if self.preset.fmn is not None:
+            weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in res.model.state_dict().values()))
+            result = self._fmn(res.model, weights.hexdigest(), log)
+            res.evaluation = with_fmn(res.evaluation, result, self.preset.eps)
+            res.duration_s += result.seconds
+
+    def _fmn(self, model: nn.Module, weights: str, log: Callable[[str], None]) -> FMNResult:
+        """FMN distances of ``model`` on the evaluated points, cached in their own kind (``fmn``) by
+        the model's weights and the preset's FMN spec, so the AutoAttack evaluations stay valid."""
+        p = self.preset
+        key = digest({"kind": "fmn", "model": weights, "data": p.fingerprint("dataset", "n_eval", "seed"),
+                      "fmn": dataclasses.asdict(p.fmn)})
+
+        def build() -> dict:
+            x, y = self._split(False)
+            x_tune, y_tune = self._tuning_split()
+            return run_fmn(model, x, y, x_tune, y_tune, p.fmn, p.eval_batch, self.device, p.seed, log).to_dict()
+
+        payload, _ = self.cache.json("fmn", key, build)
+        return FMNResult.from_dict(payload)
+
+    def _tuning_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FMN's tuning points, disjoint from the evaluated ones: the test points right after the
+        first ``n_eval``, or the first training points (``tune_split``). Raises :class:`BadOption`
+        when the test split has too few points."""
+        p, spec = self.preset, self.preset.fmn
+        if spec.tune_split == "train":
+            x, y = self._split(True)
+            return x[: spec.tune_points], y[: spec.tune_points]
+        need = p.n_eval + spec.tune_points
+        x, y = data.load(p.dataset, False, self.config.data_dir, Path(self.config.cache_dir) / "data", need)
+        if len(x) < need:
+            raise BadOption(f"preset {p.name}: FMN tuning needs test points {p.n_eval}..{need - 1} but {p.dataset}'s test "
+                            f"split has {len(x)}; set the preset's FMNSpec(tune_split='train')")
+        return x[p.n_eval:], y[p.n_eval:]
 
     # ---------------------------------------------------------------- verdicts
 

@@ -14,6 +14,7 @@ import pytest
 from pytest_advprune import presets
 from pytest_advprune.attacks import AutoAttackSpec
 from pytest_advprune.errors import AdvPruneError, BadOption
+from pytest_advprune.fmn import FMNSpec
 from pytest_advprune.presets import PRESETS, Floors, Preset
 from pytest_advprune.training import TrainSpec
 
@@ -111,6 +112,8 @@ def _changed(value):
         return dataclasses.replace(value, apgd_iters=value.apgd_iters + 1)
     if isinstance(value, Floors):
         return dataclasses.replace(value, sparsity_tol=value.sparsity_tol + 0.01)
+    if isinstance(value, FMNSpec):
+        return dataclasses.replace(value, steps=value.steps + 1)
     raise AssertionError(f"no change for {value!r}")
 
 

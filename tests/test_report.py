@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -299,7 +300,7 @@ def test_details_table_has_one_row_per_record_with_reasons():
     rows = {row[0]: row for row in t[1:]}
     assert rows["random-resnet18-weights-90"][1:3] == ["SKIP", "–"] and rows["random-resnet18-weights-90"][-1] == "not supported"
     assert rows["random-resnet18-weights-95"][-1] == "RuntimeError: boom"
-    assert rows["hydra-resnet18-weights-90"][1:5] == ["PASS", "90.0", "76.7", "43.3 [42.3, 44.3]"]
+    assert rows["hydra-resnet18-weights-90"][1:5] == ["PASS", "90.0", "76.7 [75.7, 77.7]", "43.3 [42.3, 44.3]"]
     assert rows["hydra-resnet18-weights-90"][-1] == "PGD-20 48.3, AA:apgd-ce 44.3"
 
 
@@ -308,8 +309,8 @@ def test_details_table_keeps_one_decimal_when_every_cell_was_evaluated():
     column (tabulate must not re-parse ``"80.0"`` as the number 80 and print ``80``)."""
     doc = document([record("hydra", clean=0.80, robust=0.40), record("hydra", sparsity=95, clean=0.7512, robust=0.38)])
     t = tables(report.render_markdown(doc))["Cells in detail"]
-    assert t[1][:5] == ["hydra-resnet18-weights-90", "PASS", "90.0", "80.0", "40.0 [39.0, 41.0]"]
-    assert t[2][:5] == ["hydra-resnet18-weights-95", "PASS", "95.0", "75.1", "38.0 [37.0, 39.0]"]
+    assert t[1][:5] == ["hydra-resnet18-weights-90", "PASS", "90.0", "80.0 [79.0, 81.0]", "40.0 [39.0, 41.0]"]
+    assert t[2][:5] == ["hydra-resnet18-weights-95", "PASS", "95.0", "75.1 [74.1, 76.1]", "38.0 [37.0, 39.0]"]
 
 
 def test_survey_table_shows_published_numbers_beside_ours():
@@ -357,14 +358,34 @@ def test_render_matches_the_golden_file():
     assert report.render_markdown(golden_doc()) == GOLDEN.read_text()
 
 
+def fmn_block(linf: list, l2: list, aa: float, fmn: float, worst: float, eps: float = 8 / 255) -> dict:
+    """The ``fmn`` key of a record as ``report.make_record`` writes it (``None`` = +inf distance)."""
+    def norm(name, dist, config):
+        return {"norm": name, "distances": dist, "config": config, "unverified": 0, "attack_s": 30.0, "tune_s": 9.5,
+                "tuning": [["logit/sgd/cosine lr 1", 0.5]],
+                "config_label": f"{config['loss']}/{config['optimizer']}/{config['scheduler']} lr {config['step_size']:g}"}
+    sgd = {"loss": "logit", "optimizer": "sgd", "scheduler": "cosine", "step_size": 1.0, "gamma": 0.05}
+    adam = {"loss": "ce", "optimizer": "adam", "scheduler": "none", "step_size": 0.01, "gamma": 0.05}
+    median = lambda d: sorted(d, key=lambda v: math.inf if v is None else v)[len(d) // 2]
+    return {"norms": {"linf": norm("linf", linf, adam), "l2": norm("l2", l2, sgd)}, "eps": eps,
+            "median": {"linf": median(linf), "l2": median(l2)}, "seconds": {"fmn": 79.0, "autoattack_pgd": 412.3},
+            "robust": {"autoattack": [aa, aa - 0.01, aa + 0.01], "fmn_linf": [fmn, fmn - 0.01, fmn + 0.01],
+                       "worst_case": [worst, worst - 0.01, worst + 0.01]},
+            "fmn_missed": 3, "fmn_only": 1}
+
+
 def golden_doc() -> dict:
-    return document(
+    doc = document(
         report.merge([], [
-            record("dense", structure="dense", sparsity=0, clean=0.8231, robust=0.4877),
-            record("hydra", clean=0.7674, robust=0.4334, params=1126942, flops=1110845440, latency_speedup=None,
+            record("dense", structure="dense", sparsity=0, clean=0.8231, robust=0.4877,
+                   fmn=fmn_block([0.0, 0.05, None, 0.02], [0.0, 1.2, None, 0.4], 0.49, 0.5, 0.4877)),
+            record("hydra", clean=0.7674, robust=0.4334, per_point={"clean": "1" * 40, "robust": "1" * 20 + "0" * 20},
+                   fmn=fmn_block([0.0, 0.01, 0.04, 0.2], [0.0, 0.3, 0.9, 2.5], 0.44, 0.45, 0.4334),
+                   params=1126942, flops=1110845440, latency_speedup=None,
                    dense_params=11173962, dense_flops=1110845440, inference={"note": "unstructured"}),
             record("hydra", sparsity=99, clean=0.7012, robust=0.3755, status="FAIL"),
-            record("lwm", clean=0.7505, robust=0.4334, attack_warnings=["gradient masking suspected"]),
+            record("lwm", clean=0.7505, robust=0.4334, attack_warnings=["gradient masking suspected"],
+                   per_point={"clean": "1" * 40, "robust": "1" * 18 + "0" * 22}),
             record("lwm", sparsity=99, evaluated=False, status="ERROR"),
             record("rst", sparsity=90, clean=0.6092, robust=0.1431, status="XFAIL", known_failure="no weight training"),
             record("lwm", structure="filters", sparsity=50, clean=0.7, robust=0.35, train_epochs=None, params=2934101,
@@ -379,6 +400,8 @@ def golden_doc() -> dict:
                     "1S/IT": "IT", "S/US": "US, S (filters)", "L/G": "L", "criterion": "LWM", "paper": "Sehwag et al., 2019"},
         },
     )
+    doc["curves_dir"] = "cifar10_curves"
+    return doc
 
 
 # ------------------------------------------------------------------------------ load
@@ -566,3 +589,81 @@ def test_write_is_atomic_when_the_final_rename_fails(tmp_path, fake_session, mon
     assert md.read_bytes() == md_before
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("smoke.json", "smoke.md", "smoke.json.lock")]
     assert leftovers == []  # no temporary files left behind
+
+
+# ------------------------------------------------------------------------------ FMN and paired statistics
+
+
+def test_fmn_section_shows_the_three_robust_accuracies_medians_config_time_and_curves():
+    t = tables(report.render_markdown(golden_doc()))["Minimum-norm attack (FMN) and security curves"]
+    row = dict(zip(t[0], next(r for r in t[1:] if r[0] == "hydra-resnet18-weights-90")))
+    assert row["AutoAttack robust % [95% CI]"] == "44.0 [43.0, 45.0]"
+    assert row["FMN-Linf robust % [95% CI]"] == "45.0 [44.0, 46.0]"
+    assert row["worst case % [95% CI]"] == "43.3 [42.3, 44.3]"
+    assert row["FMN median distance (Linf / L2)"] == "0.04 / 0.9"
+    assert row["tuned FMN"] == "linf ce/adam/none lr 0.01; l2 logit/sgd/cosine lr 1"
+    assert row["time s (FMN / AA+PGD)"] == "79 / 412"
+    assert row["security curves"] == ("[linf](cifar10_curves/cifar10-resnet18-weights-90-linf.png) "
+                                      "[l2](cifar10_curves/cifar10-resnet18-weights-90-l2.png)")
+    dense = dict(zip(t[0], next(r for r in t[1:] if r[0] == "dense-resnet18-dense-0")))
+    assert dense["FMN median distance (Linf / L2)"] == "0.05 / 1.2"
+    assert len(t) == 3  # records without FMN results have no row
+
+
+def test_fmn_median_of_mostly_failed_points_reads_infinite():
+    rec = record(fmn=fmn_block([None, None, 0.1], [None, None, 1.0], 0.4, 0.9, 0.4))
+    t = tables(report.render_markdown(document([rec])))["Minimum-norm attack (FMN) and security curves"]
+    assert t[1][t[0].index("FMN median distance (Linf / L2)")] == "∞ / ∞"
+
+
+def test_no_fmn_section_without_fmn_results():
+    assert "Minimum-norm" not in report.render_markdown(document([record()]))
+
+
+def _paired(method, flags, sparsity=90):
+    return record(method, sparsity=sparsity, robust=flags.count("1") / len(flags),
+                  per_point={"clean": "1" * len(flags), "robust": flags})
+
+
+def test_mcnemar_note_under_each_table_names_the_ties_with_the_best():
+    best, close, far = "1" * 60 + "0" * 40, "1" * 58 + "0" * 42, "1" * 20 + "0" * 80
+    doc = document([_paired("hydra", best), _paired("lwm", close), _paired("random", far),
+                    _paired("hydra", far, 95), _paired("lwm", best, 95)])
+    notes = report.mcnemar_notes(doc)
+    note = notes[lb_title("cifar10", "weights")]
+    assert "resnet18 90%: best hydra; not distinguishable from it: lwm (p = 0.5)" in note
+    assert "resnet18 95%: best lwm; not distinguishable from it: none" in note
+    md = report.render_markdown(doc)
+    assert md.index(note) > md.index("## " + lb_title("cifar10", "weights"))
+
+
+def test_mcnemar_note_skips_columns_it_cannot_pair():
+    doc = document([_paired("hydra", "1100"), _paired("lwm", "110"),  # different point counts
+                    _paired("hydra", "1100", 95), record("lwm", sparsity=95),  # lwm 95 has no per-point flags
+                    _paired("hydra", "1010", 99), record("lwm", sparsity=99, evaluated=False, status="ERROR")])
+    assert report.mcnemar_notes(doc) == {}
+
+
+def test_make_record_keeps_fmn_distances_json_safe_and_the_three_numbers():
+    import torch
+
+    from pytest_advprune.evaluate import Accuracy, Evaluation, with_fmn
+    from pytest_advprune.fmn import FMNConfig, FMNResult, NormResult
+
+    t = lambda s: torch.tensor([c == "1" for c in s])
+    attacks = {"PGD-5": Accuracy.from_flags("PGD-5", t("1110")), "AA:apgd-ce": Accuracy.from_flags("AA:apgd-ce", t("1101"))}
+    ev = Evaluation(Accuracy.from_flags("clean", t("1111")), attacks, Accuracy.from_flags("robust", t("1100")), [], 12.0)
+    result = FMNResult({n: NormResult(n, [0.5, 0.05, math.inf, 0.3], FMNConfig(), [("x", 0.2)], 0, 3.0, 1.0)
+                        for n in ("linf", "l2")})
+    cell, res, session = _fake_cell_result({"sparsity": "passed", "clean": "passed", "robust": "passed"})
+    res.evaluation = with_fmn(ev, result, presets.SMOKE.eps)
+    rec = json.loads(json.dumps(report.make_record(cell, res, session, {}), allow_nan=False))
+    f = rec["fmn"]
+    assert f["norms"]["linf"]["distances"] == [0.5, 0.05, None, 0.3]
+    assert f["robust"]["autoattack"][0] == 0.75 and f["robust"]["fmn_linf"][0] == 0.75
+    assert f["robust"]["worst_case"][0] == 0.25 == rec["robust_acc"]["worst_case"]
+    assert rec["robust_acc"]["FMN-Linf"] == 0.75 and rec["per_point"]["robust"] == "1000"
+    assert (f["fmn_missed"], f["fmn_only"]) == (2, 1)  # points 2, 3 broken by PGD/AA only; point 1 by FMN only
+    assert f["median"] == {"linf": 0.3, "l2": 0.3}  # the lower middle value of an even count, as torch.median and f["seconds"] == {"fmn": 8.0, "autoattack_pgd": 12.0}
+    assert f["norms"]["linf"]["config_label"] == "logit/sgd/cosine lr 1"
+    assert set(rec["ci95_attacks"]) == {"PGD-5", "AA:apgd-ce", "FMN-Linf"}
