@@ -86,6 +86,8 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
             "eval_s": round(ev.duration_s, 2),
             "per_point": {"clean": ev.clean.flags, "robust": ev.robust.flags},
         })
+    if res.indicators is not None:
+        rec["indicators"] = {k: {f: v for f, v in ind.to_dict().items() if f != "name"} for k, ind in res.indicators.items()}
     return rec
 
 
@@ -268,6 +270,28 @@ def _detail_table(doc: dict) -> str:
                     tablefmt="github", disable_numparse=True)
 
 
+def _indicator_section(doc: dict) -> list[str]:
+    """Markdown lines of the attack-failure indicators: one row per cell that has them, one column per
+    indicator (``ok``, ``FAIL``, ``–`` not run or not applicable), then each failure's message."""
+    recs = [r for r in doc["records"] if r.get("indicators")]
+    if not recs:
+        return []
+    names = list(dict.fromkeys(k for r in recs for k in r["indicators"]))
+    text = {True: "ok", False: "FAIL", None: "–"}
+    rows, failures = [], []
+    for r in recs:
+        cell = f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}"
+        inds = r["indicators"]
+        rows.append([cell] + [text[inds[n]["passed"]] if n in inds else "–" for n in names])
+        failures += [f"- `{cell}` {n}: {inds[n]['message']}" for n in names if n in inds and inds[n]["passed"] is False]
+    lines = ["## Attack-failure indicators", "",
+             tabulate(rows, ["cell"] + names, tablefmt="github", disable_numparse=True), "",
+             "Each indicator re-checks that the robust accuracy is a measurement and not an attack failure (Pintor et "
+             "al. 2022; Carlini et al. 2019); thresholds are in the README. A failed indicator fails the cell and is "
+             "never excused by a known failure.", ""]
+    return lines + (failures + [""] if failures else [])
+
+
 def render_markdown(doc: dict) -> str:
     """The whole markdown report of a report document (pure function of the JSON)."""
     recs = doc["records"]
@@ -291,6 +315,7 @@ def render_markdown(doc: dict) -> str:
     if survey:
         lines += ["## Beside the survey's published numbers", "", survey, ""]
     lines += ["## Cells in detail", "", _detail_table(doc), ""]
+    lines += _indicator_section(doc)
     tax = doc.get("taxonomy", {})
     if tax:
         cols = list(next(iter(tax.values())).keys())

@@ -175,6 +175,8 @@ class CellResult:
     model: nn.Module | None = field(default=None, repr=False)
     budget: dict[str, float] | None = None
     known_failure: str | None = None
+    eval_key: str | None = None
+    indicators: dict | None = None  # name -> indicators.Indicator, once computed
 
 
 def versions() -> dict[str, str]:
@@ -301,7 +303,7 @@ class AdvPruneSession:
         if arch in self._dense:
             return self._dense[arch]
         p = self.preset
-        key = digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch})
+        key = self._dense_key(arch)
 
         def build():
             x, y = self._split(True)
@@ -316,6 +318,21 @@ class AdvPruneSession:
         model = models.build(arch, p.dataset, p.seed)
         model.load_state_dict(state, strict=True)
         self._dense[arch] = model.to(self.device).eval()
+        return self._dense[arch]
+
+    def _dense_key(self, arch: str) -> str:
+        p = self.preset
+        return digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch})
+
+    def _cached_dense(self, arch: str) -> nn.Module | None:
+        """The preset's dense model for ``arch`` if already loaded or cached, else None (never trains it)."""
+        if arch not in self._dense:
+            hit = self.cache.load_state("dense", self._dense_key(arch))
+            if hit is None:
+                return None
+            model = models.build(arch, self.preset.dataset, self.preset.seed)
+            model.load_state_dict(hit[0], strict=True)
+            self._dense[arch] = model.to(self.device).eval()
         return self._dense[arch]
 
     def _pruned(self, cell: Cell) -> tuple[nn.Module, dict]:
@@ -387,16 +404,43 @@ class AdvPruneSession:
         payload, _ = self.cache.json("eval", key, lambda: evaluate(res.model, x, y, self.preset, self.device, log).to_dict())
         res.evaluation = Evaluation.from_dict(payload)
         res.duration_s += res.evaluation.duration_s
+        res.eval_key = key
+
+    def _build_indicators(self, res: CellResult) -> None:
+        """The attack-failure indicators of an evaluated cell, cached in their own kind, keyed by the
+        evaluation's key, the transfer source's weights and the indicator settings."""
+        from . import indicators
+
+        x, y = self._split(False)
+        arch = res.cell.arch if self.config.checkpoint is None else self.preset.archs[0]
+        source = None if res.cell.structure == "dense" else self._cached_dense(arch)
+        source_key = None if source is None else \
+            hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in source.state_dict().values())).hexdigest()[:24]
+        key = digest({"kind": "indicators", "eval": res.eval_key, "source": source_key,
+                      "settings": indicators.DEFAULT.fingerprint()})
+        log = lambda s: self.log(f"[{res.cell.id}] {s}")
+        payload, _ = self.cache.json("indicators", key, lambda: {
+            k: v.to_dict() for k, v in indicators.compute(res.model, x, y, res.evaluation, self.preset.eps, self.preset.seed,
+                                                          self.device, source, log=log).items()})
+        res.indicators = {k: indicators.Indicator.from_dict(v) for k, v in payload.items()}
 
     # ---------------------------------------------------------------- verdicts
 
     def check(self, cell: Cell, kind: str) -> Verdict:
-        """Verdict of ``kind`` in ``sparsity``/``clean``/``robust`` for ``cell``."""
+        """Verdict of ``kind`` in ``sparsity``/``clean``/``robust``/``indicator:<name>`` for ``cell``
+        (names in :data:`pytest_advprune.indicators.NAMES`)."""
         res = self.result(cell, evaluated=kind != "sparsity")
         if res.skip_reason:
             return Verdict(None, res.skip_reason)
         if res.error:
             return Verdict(False, res.error)
+        if kind.startswith("indicator:"):
+            if res.indicators is None:
+                self._guard(res, lambda: self._build_indicators(res))
+                if res.error:
+                    return Verdict(False, res.error)
+            ind = res.indicators[kind.split(":", 1)[1]]
+            return Verdict(ind.passed, f"{ind.name}: {ind.message}")
         tol, min_clean, min_robust = self.floors(cell)
         ev = res.evaluation
         if kind == "sparsity":
