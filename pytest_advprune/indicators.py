@@ -95,6 +95,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _frac(flags: torch.Tensor) -> float:
+    """Fraction of True in a bool tensor, exact in Python floats (0 for an empty tensor)."""
+    return int(flags.sum()) / max(1, flags.numel())
+
+
 # ------------------------------------------------------------------------------ one per indicator
 
 
@@ -105,7 +110,7 @@ def deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Indicat
     outs = [model(x) for _ in range(s.repeats)]
     unit = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in outs]
     diff = max(float((unit[i] - unit[j]).norm(dim=1).max()) for i in range(len(outs)) for j in range(i + 1, len(outs)))
-    flips = max(float((o.argmax(1) != outs[0].argmax(1)).float().mean()) for o in outs)
+    flips = max(_frac(o.argmax(1) != outs[0].argmax(1)) for o in outs)
     ok = diff <= s.random_alpha and flips == 0
     msg = (f"{s.repeats} forward passes in eval mode agree (max normalised logit difference {diff:.1e})" if ok else
            f"the forward pass is random in eval mode (max normalised logit difference {diff:.1e} over {s.repeats} "
@@ -130,7 +135,7 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: IndicatorSe
     if not correct.any():
         return Indicator("gradients", None, None, s.max_zero_grad, "not applicable: no point is classified correctly")
     g = grad[correct].flatten(1)
-    bad = ((g == 0).all(1) | ~torch.isfinite(g).all(1)).float().mean().item()
+    bad = _frac((g == 0).all(1) | ~torch.isfinite(g).all(1))
     ok = bad <= s.max_zero_grad
     msg = (f"{_pct(bad)} of {int(correct.sum())} correctly classified points have a zero or non-finite input gradient"
            + ("" if ok else "; gradient-based attacks get no signal there (masked or saturated gradients), so the "
@@ -150,7 +155,7 @@ def loss_progress(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         return Indicator("loss_progress", True, 0.0, s.max_stalled, "PGD broke every point; no loss trace to judge")
     losses = torch.stack(trace)[:, robust]
     rise = losses.max(0).values - losses[0]
-    stalled = (rise <= s.stall_rel * losses[0].abs()).float().mean().item()
+    stalled = _frac(rise <= s.stall_rel * losses[0].abs())
     ok = stalled <= s.max_stalled
     msg = (f"PGD-{s.steps} at eps {eps:g}: the loss of {_pct(stalled)} of {int(robust.sum())} unbroken points never rose"
            + ("" if ok else "; the attack is stuck (zero, saturated or masked gradients), so these points are not "
@@ -171,7 +176,7 @@ def unbounded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: IndicatorSe
         correct = model(x).argmax(1) == y
     if not correct.any():
         return Indicator("unbounded", None, None, s.max_unbounded, "not applicable: no point is classified correctly")
-    left = _pgd_acc(model, x[correct], y[correct], s.unbounded_eps, s.unbounded_steps).float().mean().item()
+    left = _frac(_pgd_acc(model, x[correct], y[correct], s.unbounded_eps, s.unbounded_steps))
     ok = left <= s.max_unbounded
     msg = (f"PGD-{s.unbounded_steps} at eps {s.unbounded_eps:g} leaves {_pct(left)} of {int(correct.sum())} points robust"
            + ("" if ok else "; an attack that cannot break points with an unbounded budget is failing (gradient "
@@ -190,7 +195,7 @@ def eps_monotone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     accs = []
     for e in grid:
         torch.manual_seed(0)  # the same random start for every eps
-        accs.append(_pgd_acc(model, x, y, e, s.steps).float().mean().item())
+        accs.append(_frac(_pgd_acc(model, x, y, e, s.steps)))
     rise = monotone_violation(grid, accs)
     ok = rise <= s.monotone_tol
     curve = ", ".join(f"eps {e:.3g}: {_pct(a)}" for e, a in zip(grid, accs))
@@ -212,7 +217,7 @@ def black_box(ev: Evaluation, s: IndicatorSettings) -> Indicator:
     for name, acc in ev.attacks.items():
         if name != "AA:square":
             white &= acc.tensor()
-    gain = (white & ~square).float().mean().item()
+    gain = _frac(white & ~square)
     ok = gain <= s.square_margin
     msg = (f"Square breaks {_pct(gain)} of the points beyond the white-box attacks"
            + ("" if ok else "; a gradient-free attack beating gradient attacks means their gradients mislead them "
@@ -246,10 +251,10 @@ def robust_le_clean(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ev: Eval
     n = min(len(x), ev.clean.n)
     fresh = attacks.predict(model, x[:n], n, x.device) == y[:n].cpu()
     robust = ev.robust.tensor()[:n]
-    bad = (robust & ~(fresh & ev.clean.tensor()[:n])).float().mean().item()
+    bad = _frac(robust & ~(fresh & ev.clean.tensor()[:n]))
     over = [k for k, a in {"robust": ev.robust, **ev.attacks}.items() if a.acc > ev.clean.acc + 1e-12]
     ok = bad == 0 and not over
-    msg = (f"robust {_pct(ev.robust.acc)} <= clean {_pct(ev.clean.acc)}; {_pct(bad)} of points robust but misclassified"
+    msg = (f"robust {_pct(ev.robust.acc)} vs clean {_pct(ev.clean.acc)}; {_pct(bad)} of points robust but misclassified"
            + ("" if ok else f" (above clean: {', '.join(over) or 'none'}); the evaluation counts points the model "
               "gets wrong without any attack, so it is inconsistent (random model or stale results)"))
     return Indicator("robust_le_clean", ok, bad, 0.0, msg)
@@ -268,10 +273,10 @@ def transfer(model: nn.Module, source: nn.Module | None, x: torch.Tensor, y: tor
     with torch.no_grad():
         transfer_robust = (model(x_adv).argmax(1) == y[:n]).cpu() & ev.clean.tensor()[:n]
     white = ev.robust.tensor()[:n]
-    gap = white.float().mean().item() - transfer_robust.float().mean().item()
+    gap = _frac(white) - _frac(transfer_robust)
     ok = gap <= s.transfer_margin
-    msg = (f"transfer from the dense model leaves {_pct(transfer_robust.float().mean().item())} robust vs white-box "
-           f"{_pct(white.float().mean().item())}; {int((white & ~transfer_robust).sum())} points broken only by transfer"
+    msg = (f"transfer from the dense model leaves {_pct(_frac(transfer_robust))} robust vs white-box "
+           f"{_pct(_frac(white))}; {int((white & ~transfer_robust).sum())} points broken only by transfer"
            + ("" if ok else "; the model's own gradients are worse guides than a surrogate's (gradient masking), so its "
               "white-box robust accuracy is overstated"))
     return Indicator("transfer", ok, gap, s.transfer_margin, msg)

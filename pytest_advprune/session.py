@@ -408,7 +408,7 @@ class AdvPruneSession:
 
     def _build_indicators(self, res: CellResult) -> None:
         """The attack-failure indicators of an evaluated cell, cached in their own kind, keyed by the
-        evaluation's key, the transfer source's weights and the indicator settings."""
+        evaluation's key, the transfer source's weights, the indicator settings and module source."""
         from . import indicators
 
         x, y = self._split(False)
@@ -417,7 +417,7 @@ class AdvPruneSession:
         source_key = None if source is None else \
             hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in source.state_dict().values())).hexdigest()[:24]
         key = digest({"kind": "indicators", "eval": res.eval_key, "source": source_key,
-                      "settings": indicators.DEFAULT.fingerprint()})
+                      "settings": indicators.DEFAULT.fingerprint(), "code": _source_digest(indicators.compute)})
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
         payload, _ = self.cache.json("indicators", key, lambda: {
             k: v.to_dict() for k, v in indicators.compute(res.model, x, y, res.evaluation, self.preset.eps, self.preset.seed,
