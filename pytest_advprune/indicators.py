@@ -189,12 +189,13 @@ def monotone_violation(eps_grid: list[float], accs: list[float]) -> float:
     return max([0.0] + [accs[j] - accs[i] for i in range(len(accs)) for j in range(i + 1, len(accs))])
 
 
-def eps_monotone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s: IndicatorSettings) -> Indicator:
+def eps_monotone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s: IndicatorSettings,
+                 seed: int = 0) -> Indicator:
     """Robust accuracy does not rise with eps (Carlini et al. 2019, Sec. 5.2): PGD at ``eps_factors`` x eps."""
     grid = [f * eps for f in s.eps_factors]
     accs = []
     for e in grid:
-        torch.manual_seed(0)  # the same random start for every eps
+        torch.manual_seed(seed)  # the same random start for every eps
         accs.append(_frac(_pgd_acc(model, x, y, e, s.steps)))
     rise = monotone_violation(grid, accs)
     ok = rise <= s.monotone_tol
@@ -314,7 +315,7 @@ def compute(
         out["gradients"] = gradients(model, xs, ys, settings)
         out["loss_progress"] = loss_progress(model, xs, ys, eps, settings)
         out["unbounded"] = unbounded(model, xs, ys, settings)
-        out["eps_monotone"] = eps_monotone(model, xs, ys, eps, settings)
+        out["eps_monotone"] = eps_monotone(model, xs, ys, eps, settings, seed)
         out["black_box"] = black_box(ev, settings)
         out["autoattack_warnings"] = autoattack_warnings(ev, settings)
         out["robust_le_clean"] = robust_le_clean(model, xs, ys, ev, settings)
