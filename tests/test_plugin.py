@@ -450,7 +450,7 @@ def test_nan_weights_fail_with_a_clear_message(advprune, dense_cache):
 
 
 def test_k_selects_checks(advprune, dense_cache):
-    result = advprune.inprocess("--advprune-method=dense,hydra", "-k", "dense and clean")
+    result = advprune.inprocess("--advprune-method=dense,hydra", "-k", "dense and clean_accuracy")
     result.assert_outcomes(passed=1, deselected=3 * PER_CELL - 1)
     assert list(advprune.cases()) == [f"test_clean_accuracy[{DENSE}]"]
     assert set(advprune.records()) == {DENSE}  # hydra was never built
@@ -545,7 +545,7 @@ def test_dense_alone_shows_in_the_leaderboard(advprune, dense_cache):
 
 def test_partial_run_does_not_pass_a_cell(advprune, dense_cache):
     """Running only some of a cell's checks (-k) must not mark it PASS: its robust check never ran."""
-    result = advprune.inprocess("--advprune-method=dense", "--advprune-min-robust=99", "-k", "clean")
+    result = advprune.inprocess("--advprune-method=dense", "--advprune-min-robust=99", "-k", "clean_accuracy")
     result.assert_outcomes(passed=1, deselected=PER_CELL - 1)
     rec = advprune.records()[DENSE]
     assert rec["checks"] == {"clean": "passed"}
