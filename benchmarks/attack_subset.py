@@ -5,14 +5,18 @@ Runs, on the same points and seed, the preset's attack subset and AutoAttack sta
 model and on one pruned cell, and prints the cumulative robust accuracy after every attack.
 The last line is the headline: the largest gap (points) between subset and standard.
 
-    python benchmarks/attack_subset.py [--preset quick] [--cell lwm-weights-90] [--cache-dir DIR]
+    python benchmarks/attack_subset.py [--preset quick] [--cell lwm-weights-90[,hydra-weights-90]] [--cache-dir DIR]
+                                       [--standard-from reports/benchmarks/attack_subset_quick.json]
 
 Writes ``reports/benchmarks/attack_subset_<preset>.json``. Trains/prunes what is not cached.
+Every model is identified by the sha256 of its weights; ``--standard-from`` reuses an earlier
+run's AutoAttack standard result (hours on a CPU) for a model whose sha256 matches, and only for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -28,7 +32,8 @@ from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--cell", default="lwm-weights-90", help="METHOD-STRUCTURE-SPARSITY of the pruned model")
+    ap.add_argument("--cell", default="lwm-weights-90", help="METHOD-STRUCTURE-SPARSITY of the pruned model(s), comma list")
+    ap.add_argument("--standard-from", default=None, help="earlier JSON whose standard results are reused by weight sha256")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "pytest-advprune"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="reports/benchmarks")
@@ -36,26 +41,37 @@ def main() -> None:
 
     registry.load_builtin()
     preset = presets.get(args.preset)
-    method, structure, sparsity = args.cell.rsplit("-", 2)
-    session = AdvPruneSession(RunConfig(preset, [method], device=args.device, cache_dir=args.cache_dir), log=print)
+    cells = [c.rsplit("-", 2) for c in args.cell.split(",")]
+    session = AdvPruneSession(RunConfig(preset, sorted({m for m, _, _ in cells}), device=args.device,
+                                        cache_dir=args.cache_dir), log=print)
     arch = preset.archs[0]
-    pruned_cell = Cell(method, preset.dataset, arch, structure, int(sparsity))
-    res = session.result(pruned_cell, evaluated=False)
-    if res.error:
-        raise SystemExit(f"could not build {pruned_cell.id}: {res.error}")
-    models = {f"dense {arch}": session.dense_model(arch), pruned_cell.id: res.model}
+    models = {f"dense {arch}": session.dense_model(arch)}
+    for method, structure, sparsity in cells:
+        cell = Cell(method, preset.dataset, arch, structure, int(sparsity))
+        res = session.result(cell, evaluated=False)
+        if res.error:
+            raise SystemExit(f"could not build {cell.id}: {res.error}")
+        models[cell.id] = res.model
+    earlier = json.loads(Path(args.standard_from).read_text())["models"] if args.standard_from else {}
     x, y = session._split(False)
     rows, record = [], {"preset": preset.name, "n_points": len(y), "eps": preset.eps, "device": str(session.device),
                         "versions": versions(), "models": {}}
     for name, model in models.items():
-        entry = {}
+        sha = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+        entry = {"state_sha256": sha}
         for label, spec in (("subset", preset.autoattack), ("standard", AutoAttackSpec(version="standard"))):
-            t0 = time.perf_counter()
-            out = run_autoattack(model, x, y, preset.eps, spec, preset.seed, preset.eval_batch, session.device, log=print)
-            seconds = time.perf_counter() - t0
-            cumulative = {a: float(f.float().mean()) for a, f in out.flags_after.items()}
-            entry[label] = {"label": spec.label(), "cumulative": cumulative, "seconds": seconds, "warnings": out.warnings}
-            rows.append([name, label, *(f"{a} {100 * v:.1f}" for a, v in cumulative.items()), f"{seconds:.0f} s"])
+            previous = earlier.get(name, {})
+            if label == "standard" and previous.get("state_sha256") == sha and "standard" in previous:
+                entry[label] = {**previous[label], "reused": f"from {args.standard_from} (same weights sha256)"}
+            else:
+                t0 = time.perf_counter()
+                out = run_autoattack(model, x, y, preset.eps, spec, preset.seed, preset.eval_batch, session.device, log=print)
+                seconds = time.perf_counter() - t0
+                cumulative = {a: float(f.float().mean()) for a, f in out.flags_after.items()}
+                entry[label] = {"label": spec.label(), "cumulative": cumulative, "seconds": seconds, "warnings": out.warnings}
+            cumulative = entry[label]["cumulative"]
+            rows.append([name, label, *(f"{a} {100 * v:.1f}" for a, v in cumulative.items()),
+                         f"{entry[label]['seconds']:.0f} s" + (" (reused)" if "reused" in entry[label] else "")])
             print(rows[-1], flush=True)
         entry["gap_points"] = 100 * (list(entry["subset"]["cumulative"].values())[-1]
                                      - list(entry["standard"]["cumulative"].values())[-1])

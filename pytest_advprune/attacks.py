@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -108,6 +109,28 @@ class AutoAttackSpec:
     n_target_classes: int = 9
     square_queries: int = 5000
 
+    def __post_init__(self):
+        # A budget of an attack that does not run takes its default, so two specs that run the same
+        # attacks with the same budgets are equal (and share cache keys); see :meth:`prefix`.
+        runs = set(("apgd-ce", "apgd-t", "fab-t", "square") if self.version == "standard" else self.attacks)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if not runs & {"apgd-ce", "apgd-t", "apgd-dlr"}:
+            object.__setattr__(self, "apgd_iters", defaults["apgd_iters"])
+        if not runs & {"apgd-t", "fab-t"}:
+            object.__setattr__(self, "n_target_classes", defaults["n_target_classes"])
+        if "square" not in runs:
+            object.__setattr__(self, "square_queries", defaults["square_queries"])
+
+    def prefixes(self) -> list["AutoAttackSpec"]:
+        """The specs running the first ``k`` attacks of this cascade, longest first (``k < len``).
+
+        AutoAttack runs each attack only on the points still robust after the previous ones, with
+        its own seeded randomness, so a cached evaluation under a prefix can be resumed: only the
+        remaining attacks need to run. Empty for ``standard``."""
+        if self.version == "standard":
+            return []
+        return [dataclasses.replace(self, attacks=self.attacks[:k]) for k in range(len(self.attacks) - 1, 0, -1)]
+
     def label(self) -> str:
         if self.version == "standard":
             return "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square)"
@@ -152,12 +175,16 @@ def run_autoattack(
     batch_size: int,
     device: torch.device,
     log: Callable[[str], None] = lambda s: None,
+    done: dict[str, torch.Tensor] | None = None,
 ) -> AutoAttackOutcome:
     """Run AutoAttack's cascade on ``(x, y)`` (``x`` in [0, 1], ``[N, C, H, W]``), one attack at a time.
 
     Every attack starts from the clean input and only sees the points still robust, as in
     AutoAttack's own ``run_standard_evaluation``; points misclassified clean are never attacked.
     Per-point flags come from the returned labels, never from parsed log text.
+    ``done``: cumulative flags (bool ``[N]``) of the cascade's first attacks, in order, from an
+    earlier run on the same model and points (see :meth:`AutoAttackSpec.prefixes`); those attacks
+    are not run again. Raises ValueError if ``done`` is not a prefix of the cascade.
 
     AutoAttack's built-in checks (randomised model, softmax output, dynamic defence, class count,
     zero gradients inside APGD-DLR/APGD-T) log warnings on the ``auto-attack`` logger; they are
@@ -181,7 +208,13 @@ def run_autoattack(
         attacks = ("apgd-ce", "apgd-t", "fab-t", "square") if spec.version == "standard" else spec.attacks
         attacks, note = attacks_for_classes(attacks, n_classes)
         notes = [note] if note else []
-        for name in attacks:
+        done = done or {}
+        if tuple(done) != attacks[: len(done)]:
+            raise ValueError(f"cached attacks {tuple(done)} are not a prefix of the cascade {attacks}")
+        for name, flags in done.items():
+            robust = flags.bool().cpu() & robust
+            flags_after[name] = robust.clone()
+        for name in attacks[len(done):]:
             idx = robust.nonzero().flatten()
             if len(idx) > 0:
                 log(f"{name} on {len(idx)} points")

@@ -43,6 +43,10 @@ class Cache:
         base = self.root / kind / key
         return base.with_suffix(".safetensors"), base.with_suffix(".json")
 
+    def has(self, kind: str, key: str) -> bool:
+        """Whether the entry's files exist (without reading or verifying them, and without creating anything)."""
+        return self._paths(kind, key)[1].exists()
+
     def lock(self, kind: str, key: str) -> FileLock:
         path = self.root / kind / f"{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,10 +88,13 @@ def evaluate(
     preset: Preset,
     device: torch.device,
     log: Callable[[str], None] = lambda s: None,
+    resume: Evaluation | None = None,
 ) -> Evaluation:
     """Evaluate ``model`` (eval mode, inputs ``x`` [N, C, H, W] in [0, 1]) with the preset's fixed attacks.
 
-    Raises :class:`NonFiniteModel` for NaN/inf weights or logits.
+    ``resume``: an evaluation of the same model and points under a prefix of the preset's
+    AutoAttack cascade (same PGD); its PGD and cascade results are kept and only the remaining
+    attacks run. Raises :class:`NonFiniteModel` for NaN/inf weights or logits.
     """
     t0 = time.perf_counter()
     check_finite(model)
@@ -102,11 +105,19 @@ def evaluate(
         raise NonFiniteModel("model outputs NaN or inf logits on clean inputs; the pruned model is broken")
     clean = predict(model, x, preset.eval_batch, device) == y
     attacks: dict[str, Accuracy] = {}
-    log(f"PGD-{preset.pgd_steps} on {len(x)} points")
-    torch.manual_seed(preset.seed)
-    pgd_flags = pgd_robust_flags(model, x, y, preset.eps, preset.pgd_steps, preset.eval_batch, device) & clean
-    attacks[f"PGD-{preset.pgd_steps}"] = Accuracy.from_flags(f"PGD-{preset.pgd_steps}", pgd_flags)
-    outcome = run_autoattack(model, x, y, preset.eps, preset.autoattack, preset.seed, preset.eval_batch, device, log)
+    pgd_name = f"PGD-{preset.pgd_steps}"
+    done: dict[str, torch.Tensor] = {}
+    if resume is not None:
+        pgd_flags = resume.attacks[pgd_name].tensor()
+        done = {k[3:]: a.tensor() for k, a in resume.attacks.items() if k.startswith("AA:")}
+        log(f"resuming from a cached evaluation with {', '.join(done)}")
+    else:
+        log(f"PGD-{preset.pgd_steps} on {len(x)} points")
+        torch.manual_seed(preset.seed)
+        pgd_flags = pgd_robust_flags(model, x, y, preset.eps, preset.pgd_steps, preset.eval_batch, device) & clean
+    attacks[pgd_name] = Accuracy.from_flags(pgd_name, pgd_flags)
+    outcome = run_autoattack(model, x, y, preset.eps, preset.autoattack, preset.seed, preset.eval_batch, device, log,
+                             done=done)
     aa_flags = clean.clone()
     for name, flags in outcome.flags_after.items():
         aa_flags = flags & clean
@@ -116,6 +127,6 @@ def evaluate(
         clean=Accuracy.from_flags("clean", clean),
         attacks=attacks,
         robust=Accuracy.from_flags("robust", robust),
-        warnings=outcome.warnings,
-        duration_s=time.perf_counter() - t0,
+        warnings=list(dict.fromkeys((resume.warnings if resume else []) + outcome.warnings)),
+        duration_s=time.perf_counter() - t0 + (resume.duration_s if resume else 0.0),
     )

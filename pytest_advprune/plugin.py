@@ -7,6 +7,7 @@ imports (torch, attacks) happen only when the plugin is active, so ``pytest --he
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -104,14 +105,37 @@ def _build_session(config: pytest.Config):
         check_target(Path(report), preset.name)
         run = RunConfig(
             preset=preset, methods=[] if checkpoint else registry.resolve(_opt(config, "method")),
-            checkpoint=checkpoint, device=_opt(config, "device"),
+            checkpoint=checkpoint, device=_device(config),
             data_dir=_opt(config, "data-dir"), cache_dir=str(cache), report_path=str(report),
             min_clean=_percent(config, "min-clean"), min_robust=_percent(config, "min-robust"),
             sparsity_tol=_percent(config, "sparsity-tol"),
         )
-        return AdvPruneSession(run, _log(config))
+        session = AdvPruneSession(run, _log(config))
     except AdvPruneError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if session.device.type == "cuda" and session.device.index is not None:
+        import torch
+
+        torch.cuda.set_device(session.device)  # libraries that use "the current GPU" follow this worker's pin
+    return session
+
+
+def _worker(config: pytest.Config) -> str | None:
+    """This process's pytest-xdist worker id (``gw0``, ...), or None outside a worker."""
+    return getattr(config, "workerinput", {}).get("workerid") or os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def _device(config: pytest.Config) -> str:
+    """--advprune-device, with ``auto``/``cuda`` spread round-robin over the GPUs by xdist worker."""
+    import torch
+
+    from .parallel import worker_device
+
+    return worker_device(_opt(config, "device"), _worker(config), torch.cuda.device_count())
+
+
+def _active(config: pytest.Config) -> bool:
+    return bool(_opt(config, "method") or _opt(config, "checkpoint")) and not config.getoption("advprune_list")
 
 
 def _checkpoint_spec(config: pytest.Config):
@@ -141,12 +165,17 @@ def _checkpoint_spec(config: pytest.Config):
 # ---------------------------------------------------------------------------------- hooks
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
     group = parser.getgroup("advprune", "adversarial pruning conformance (pytest-advprune)")
     for name, help_text, default in _OPTIONS:
         group.addoption(f"--advprune-{name}", dest="advprune_" + name.replace("-", "_"), default=None, help=help_text)
         parser.addini("advprune_" + name.replace("-", "_"), help_text, default=default)
     group.addoption("--advprune-list", action="store_true", help="list the registered methods with their taxonomy and exit")
+    group.addoption("--advprune-estimate", action="store_true",
+                    help="print the projected device-hours of the requested grid on the selected device and exit "
+                    "without training")
+    if not pluginmanager.has_plugin("advprune-xdist-defaults"):
+        pluginmanager.register(_XdistDefaults(), "advprune-xdist-defaults")
     from .report import add_compare_options
 
     add_compare_options(group.addoption, "--advprune-")
@@ -159,13 +188,54 @@ def pytest_cmdline_main(config: pytest.Config):
         _load_methods(config)
         print(registry.listing())
         return 0
+    if config.getoption("advprune_estimate"):
+        if not _opt(config, "method") or _opt(config, "checkpoint"):
+            raise pytest.UsageError("--advprune-estimate projects a grid of methods: give --advprune-method=NAME "
+                                    "(and no --advprune-checkpoint)")
+        from .estimate import estimate
+
+        print(estimate(_build_session(config)).render())
+        return 0
     return None
+
+
+class _XdistDefaults:
+    """With ``pytest -n N`` and no ``--dist`` mode chosen, picks ``--dist loadgroup`` (see
+    :func:`pytest_xdist_make_scheduler`), so each cell's checks run on one worker."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_cmdline_main(self, config: pytest.Config):
+        # A wrapper, so it runs before pytest-xdist's own hook turns an unset mode into ``load``.
+        option = config.option
+        if (_active(config) and config.pluginmanager.hasplugin("xdist") and option.numprocesses
+                and option.dist == "no" and not option.distload):
+            option.dist = "loadgroup"
+        return (yield)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under ``--dist loadgroup``, one work unit per cell: a worker builds a cell once and runs its checks.
+    (Tests with an ``xdist_group`` mark are grouped as pytest-xdist does.)"""
+    session = config.stash.get(_SESSION, None)
+    if session is None or config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    cells = {c.id for c in session.cells()}
+
+    class CellScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            param = nodeid[nodeid.rfind("[") + 1:-1] if nodeid.endswith("]") else None
+            return f"advprune-cell:{param}" if param in cells else super()._split_scope(nodeid)
+
+    return CellScheduling(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "advprune: a conformance test of pytest-advprune")
     config.stash[_BASELINE] = _compare_baseline(config)
-    if (_opt(config, "method") or _opt(config, "checkpoint")) and not config.getoption("advprune_list"):
+    if _active(config):
         config.stash[_SESSION] = _build_session(config)
         if config.args_source != pytest.Config.ArgsSource.ARGS:
             config.args = [str(SUITE)]
@@ -196,8 +266,7 @@ def _kind(item: pytest.Item) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # A cell's checks run together (its slow build is followed at once by its verdicts) and,
-    # under pytest-xdist's --dist loadgroup, on one worker.
+    # A cell's checks run together: its slow build is followed at once by its verdicts.
     order = {id(it): i for i, it in enumerate(items)}
     items.sort(key=lambda it: (_cell_of(it) is not None, _cell_of(it).id if _cell_of(it) else "", order[id(it)]))
     session = config.stash.get(_SESSION, None)
@@ -205,8 +274,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         cell = _cell_of(it)
         if cell is None:
             continue
-        if config.pluginmanager.hasplugin("xdist"):
-            it.add_marker(pytest.mark.xdist_group(cell.id))
         reason = session.known_failure(cell) if session is not None else None
         if reason and CHECKS.get(it.originalname) in ("clean", "robust"):
             it.add_marker(pytest.mark.xfail(reason=f"known failure of {cell.method}: {reason}", strict=False))
@@ -224,23 +291,40 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    advprune = session.config.stash.get(_SESSION, None)
-    if advprune is not None:
-        session.config.stash[_REPORT] = advprune.finish()
-        session.config.stash[_REGRESSIONS] = _regressions(session.config, advprune)
-        if session.config.stash[_REGRESSIONS]:
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    config = session.config
+    advprune = config.stash.get(_SESSION, None)
+    if advprune is None:
+        return
+    if hasattr(config, "workeroutput"):  # an xdist worker: hand the records to the controller, which writes once
+        records = [{**r, "worker": _worker(config)} for r in advprune.run_records()]
+        config.workeroutput[_WORKER_RECORDS_KEY] = json.dumps(records)  # execnet sends plain types only
+        return
+    from .report import combine
+
+    records = combine(advprune.run_records() + config.stash.get(_WORKER_RECORDS, []))
+    config.stash[_REPORT] = advprune.finish(records)
+    config.stash[_REGRESSIONS] = _regressions(config, records)
+    if config.stash[_REGRESSIONS]:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist controller: collect the records a finished worker sent (see pytest_sessionfinish)."""
+    records = getattr(node, "workeroutput", {}).get(_WORKER_RECORDS_KEY)
+    if records:
+        node.config.stash.setdefault(_WORKER_RECORDS, []).extend(json.loads(records))
 
 
 _REPORT = pytest.StashKey["object"]()
 _REGRESSIONS = pytest.StashKey["list"]()
 _BASELINE = pytest.StashKey["object"]()
+_WORKER_RECORDS = pytest.StashKey["list"]()
+_WORKER_RECORDS_KEY = "advprune_records"
 
 
 def _compare_baseline(config: pytest.Config):
     """``(baseline records, thresholds)`` from --advprune-compare[-fail], or None; bad values are usage errors."""
-    import json
-
     from .report import parse_compare_fail
 
     try:
@@ -256,11 +340,11 @@ def _compare_baseline(config: pytest.Config):
         raise pytest.UsageError(f"--advprune-compare={path}: not a readable report JSON ({exc})") from None
 
 
-def _regressions(config: pytest.Config, advprune) -> list:
+def _regressions(config: pytest.Config, records: list[dict]) -> list:
     from . import report
 
     baseline = config.stash.get(_BASELINE, None)
-    return report.regressions(advprune.records(), *baseline) if baseline else []
+    return report.regressions(records, *baseline) if baseline else []
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

@@ -38,13 +38,13 @@ def protocol_id(preset) -> str:
     return f"{preset.name}-e{ENGINE_VERSION}-{preset.fingerprint()}"
 
 
-def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", versions: dict[str, str]) -> dict[str, Any]:
-    """One JSON record per cell. Accuracies and sparsities are fractions in [0, 1]."""
-    p = session.preset
-    outcomes = res.outcomes
-    if res.skip_reason:
+def record_status(outcomes: dict[str, str], skip_reason: str | None, error: str | None) -> tuple[str, bool | None]:
+    """``(status, passed)`` of a cell from its checks' outcomes (``sparsity``/``clean``/``robust`` ->
+    ``passed``/``failed``/``skipped``/``xfailed``): SKIP, ERROR, not run, FAIL, XFAIL, PASS or partial;
+    ``passed`` is None for SKIP, partial and not run."""
+    if skip_reason:
         status = "SKIP"
-    elif res.error:
+    elif error:
         status = "ERROR"
     elif not outcomes:
         status = "not run"
@@ -57,10 +57,18 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         status = "PASS"
     else:
         status = "partial"
+    return status, {"PASS": True, "FAIL": False, "XFAIL": False, "ERROR": False}.get(status)
+
+
+def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", versions: dict[str, str]) -> dict[str, Any]:
+    """One JSON record per cell. Accuracies and sparsities are fractions in [0, 1]."""
+    p = session.preset
+    outcomes = res.outcomes
+    status, passed = record_status(outcomes, res.skip_reason, res.error)
     rec: dict[str, Any] = {
         "method": cell.method, "preset": p.name, "dataset": cell.dataset, "arch": cell.arch,
         "structure": cell.structure, "target_sparsity": cell.sparsity / 100,
-        "status": status, "passed": {"PASS": True, "FAIL": False, "XFAIL": False, "ERROR": False}.get(status),
+        "status": status, "passed": passed,
         "known_failure": res.known_failure,
         "checks": dict(outcomes), "skip_reason": res.skip_reason, "error": res.error,
         "protocol": protocol_id(p),
@@ -73,6 +81,8 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         rec["achieved_sparsity"] = res.sparsity.sparsity
         rec["weight_sparsity"] = res.sparsity.weight_sparsity
         rec["per_layer"] = {k: list(v) for k, v in res.sparsity.per_layer.items()}
+    if res.inference is not None:  # params, flops, latency_speedup, dense_params, dense_flops, inference
+        rec.update(res.inference)
     if res.evaluation is not None:
         ev = res.evaluation
         tol, min_clean, min_robust = session.floors(cell)
@@ -139,6 +149,25 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
     return sorted(kept + list(fresh.values()), key=lambda r: tuple(str(v) for v in _key(r)))
 
 
+def combine(records: list[dict]) -> list[dict]:
+    """One record per cell, in order of first appearance. Records of one cell from several processes
+    (pytest-xdist workers that each ran some of its checks, e.g. under ``--dist load``) are joined:
+    check outcomes united, measured fields from the record with the most fields, the first error
+    kept (a cell that errored in one process never passes), and the verdict recomputed."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(_key(rec), []).append(rec)
+    out = []
+    for group in groups.values():
+        rec = dict(max(group, key=len))
+        if len(group) > 1:
+            rec["checks"] = {k: v for r in group for k, v in r["checks"].items()}
+            rec["error"] = next((r["error"] for r in group if r.get("error")), None)
+            rec["status"], rec["passed"] = record_status(rec["checks"], rec.get("skip_reason"), rec["error"])
+        out.append(rec)
+    return out
+
+
 def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tuple[Path, Path]:
     """Merge ``records`` into the JSON beside ``md_path`` (same stem) and re-render the markdown."""
     from . import registry
@@ -154,8 +183,12 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
         doc["preset"] = session.preset.name
         stale = [r for r in doc["records"] if r.get("protocol") != protocol_id(session.preset)]
         if stale:
-            session.log(f"report: dropping {len(stale)} record(s) of an older protocol of preset {session.preset.name}")
+            # Never lost: a record of an older protocol leaves the leaderboard, kept until its cell is re-run.
+            session.log(f"report: {len(stale)} record(s) of an older protocol of preset {session.preset.name} moved to "
+                        f"'superseded' (re-run those cells to bring them back under the current protocol)")
             doc["records"] = [r for r in doc["records"] if r not in stale]
+        fresh = {_key(r) for r in records}
+        doc["superseded"] = [r for r in merge(doc.get("superseded", []), stale) if _key(r) not in fresh]
         doc["protocol"] = protocol_id(session.preset)
         doc["header"] = {**session.preset.header(), "attack choice": session.preset.attack_choice,
                          "floors": session.preset.floors.derivation}
@@ -248,26 +281,64 @@ def _epochs(budget: dict | None) -> str:
     return f"{budget['pretrain']:g} + {budget['method']:g} = {budget['total']:g} of {budget['preset_budget']:g}"
 
 
+COST_NOTE = ("Parameters and FLOPs (one input, torch's `FlopCounterMode`) read `ours / dense`. Structured cells are "
+             "physically compacted (`pytest_advprune/compact.py`, outputs verified equal to the masked model's); their "
+             "latency speedup is the dense over the compacted median latency, measured on the device shown. Unstructured "
+             "cells count non-zero parameters and dense FLOPs and claim no speedup (the survey reports nominal sparsity only).")
+
+
+def _count(n: int | None) -> str:
+    """``1234567`` -> ``1.23M``; ``–`` when not measured."""
+    if n is None:
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _cost(r: dict) -> list[str]:
+    """Detail-table cells ``parameters``, ``FLOPs`` (ours / dense) and ``latency speedup`` of a record."""
+    if "dense_params" not in r:
+        return ["–", "–", "–"]
+    speedup = r.get("latency_speedup")
+    lat = "–" if speedup is None else f"{speedup:.2f}x ({r['inference']['device']})"
+    return [f"{_count(r.get('params'))} / {_count(r['dense_params'])}", f"{_count(r.get('flops'))} / {_count(r.get('dense_flops'))}", lat]
+
+
 def _detail_table(doc: dict) -> str:
     rows = []
     for r in doc["records"]:
+        error = (r.get("inference") or {}).get("error")
         if "clean_acc" not in r:
             reason = r.get("skip_reason") or r.get("error") or ""
             rows.append([f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
-                         "–", "–", "–", "–", "–", reason])
+                         "–", "–", "–", "–", "–", *_cost(r), reason])
             continue
         attacks = ", ".join(f"{k} {_pct(v)}" for k, v in r["robust_acc"].items() if k != "worst_case")
         lo, hi = r["ci95"]["robust"]
         rows.append([
             f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
             _pct(r.get("achieved_sparsity")), f"{_pct(r['clean_acc'])}", f"{_pct(r['robust_acc']['worst_case'])} "
-            f"[{_pct(lo)}, {_pct(hi)}]", _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}",
+            f"[{_pct(lo)}, {_pct(hi)}]", _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}", *_cost(r),
             attacks + ("; warnings: " + " | ".join(r["attack_warnings"]) if r["attack_warnings"] else "")
-            + (f"; known failure: {r['known_failure']}" if r.get("known_failure") else ""),
+            + (f"; known failure: {r['known_failure']}" if r.get("known_failure") else "")
+            + (f"; {error}" if error else ""),
         ])
-    return tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "epochs (pretrain + method)",
-                           "time s", "per attack (%)"],
-                    tablefmt="github", disable_numparse=True)
+    table = tabulate(rows, ["cell", "verdict", "sparsity %", "clean %", "robust % [95% CI]", "epochs (pretrain + method)",
+                            "time s", "parameters", "FLOPs", "latency speedup", "per attack (%)"],
+                     tablefmt="github", disable_numparse=True)
+    return table + "\n\n" + COST_NOTE
+
+
+def _superseded_table(doc: dict) -> str | None:
+    rows = [[r["method"], f"{r['arch']} {r['structure']} {round(100 * r['target_sparsity'])}",
+             f"{_pct(r.get('clean_acc'))} / {_pct((r.get('robust_acc') or {}).get('worst_case'))}", r["status"],
+             r.get("protocol", "-"), r.get("date", "-")] for r in doc.get("superseded", [])]
+    if not rows:
+        return None
+    return tabulate(rows, ["method", "cell", "clean / robust", "status", "protocol", "measured"], tablefmt="github",
+                    disable_numparse=True)
 
 
 def _indicator_section(doc: dict) -> list[str]:
@@ -316,6 +387,11 @@ def render_markdown(doc: dict) -> str:
         lines += ["## Beside the survey's published numbers", "", survey, ""]
     lines += ["## Cells in detail", "", _detail_table(doc), ""]
     lines += _indicator_section(doc)
+    superseded = _superseded_table(doc)
+    if superseded:
+        lines += ["## Superseded records", "", "Measured under an older protocol of this preset (its attacks, budgets or "
+                  "engine changed since); not comparable with the tables above. Re-run these cells to refresh them.", "",
+                  superseded, ""]
     tax = doc.get("taxonomy", {})
     if tax:
         cols = list(next(iter(tax.values())).keys())

@@ -9,6 +9,7 @@ Flow of a cell (method, dataset, arch, structure, sparsity %):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import hashlib
 import inspect
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import __version__, data, models, registry, report
+from . import __version__, compact, data, models, registry, report
 from .cache import Cache, digest
 from .errors import AdvPruneError, BadOption
 from .evaluate import Evaluation, check_finite, evaluate
@@ -175,16 +176,17 @@ class CellResult:
     model: nn.Module | None = field(default=None, repr=False)
     budget: dict[str, float] | None = None
     known_failure: str | None = None
+    inference: dict | None = None
     eval_key: str | None = None
     indicators: dict | None = None  # name -> indicators.Indicator, once computed
 
 
 def versions() -> dict[str, str]:
-    """Versions that affect results: python, torch, torchvision, pyautoattack, this package."""
+    """Versions that affect results: python, torch, torchvision, pyautoattack, torch-pruning, this package."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "pytest-advprune": __version__, "torch": torch.__version__}
-    for pkg in ("torchvision", "pyautoattack"):
+    for pkg in ("torchvision", "pyautoattack", "torch-pruning"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -289,6 +291,28 @@ class AdvPruneSession:
             robust if c.min_robust is None else c.min_robust,
         )
 
+    # ---------------------------------------------------------------- cache keys
+
+    def dense_key(self, arch: str) -> str:
+        """Cache key of the preset's dense model for ``arch`` (kind ``dense``)."""
+        p = self.preset
+        return digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch})
+
+    def pruned_key(self, cell: Cell) -> str:
+        """Cache key of ``cell``'s pruned model (kind ``pruned``): cell, method source, training budgets."""
+        return digest({
+            "kind": "pruned", "cell": cell.id, "method_source": _source_digest(registry.get(cell.method)),
+            "preset": self.preset.fingerprint("dataset", "n_train", "eps", "seed", "dense_train", "prune_train", "finetune"),
+        })
+
+    def eval_key(self, model: nn.Module, preset: Preset | None = None) -> str:
+        """Cache key of ``model``'s evaluation (kind ``eval``): its weights and the attack protocol
+        (of ``preset``, default the run's)."""
+        weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
+        return digest({"kind": "eval", "model": weights.hexdigest(),
+                       "protocol": (preset or self.preset).fingerprint("dataset", "n_eval", "eps", "seed", "autoattack",
+                                                                        "pgd_steps")})
+
     # ---------------------------------------------------------------- building
 
     def _split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +327,7 @@ class AdvPruneSession:
         if arch in self._dense:
             return self._dense[arch]
         p = self.preset
-        key = self._dense_key(arch)
+        key = self.dense_key(arch)
 
         def build():
             x, y = self._split(True)
@@ -320,14 +344,10 @@ class AdvPruneSession:
         self._dense[arch] = model.to(self.device).eval()
         return self._dense[arch]
 
-    def _dense_key(self, arch: str) -> str:
-        p = self.preset
-        return digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch})
-
     def _cached_dense(self, arch: str) -> nn.Module | None:
         """The preset's dense model for ``arch`` if already loaded or cached, else None (never trains it)."""
         if arch not in self._dense:
-            hit = self.cache.load_state("dense", self._dense_key(arch))
+            hit = self.cache.load_state("dense", self.dense_key(arch))
             if hit is None:
                 return None
             model = models.build(arch, self.preset.dataset, self.preset.seed)
@@ -340,10 +360,7 @@ class AdvPruneSession:
         if self.config.checkpoint is not None:
             return load_checkpoint_model(self.config.checkpoint, p.seed).to(self.device).eval(), {"prune_s": 0.0}
         cls = registry.get(cell.method)
-        key = digest({
-            "kind": "pruned", "cell": cell.id, "method_source": _source_digest(cls),
-            "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train", "prune_train", "finetune"),
-        })
+        key = self.pruned_key(cell)
 
         def build():
             dense = self.dense_model(cell.arch)
@@ -394,14 +411,22 @@ class AdvPruneSession:
         res.sparsity = measure(model, res.cell.structure)
         res.duration_s = meta.get("prune_s", 0.0)
         res.budget = meta.get("budget")
+        info = data.DATASETS[res.cell.dataset]  # parameters, FLOPs, latency: measured, never cached, never failing
+        res.inference = compact.inference_cost(model, res.cell.structure, (info.channels, info.size, info.size), self.device)
 
     def _build_evaluation(self, res: CellResult) -> None:
         x, y = self._split(False)
-        weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in res.model.state_dict().values()))
-        key = digest({"kind": "eval", "model": weights.hexdigest(),
-                      "protocol": self.preset.fingerprint("dataset", "n_eval", "eps", "seed", "autoattack", "pgd_steps")})
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
-        payload, _ = self.cache.json("eval", key, lambda: evaluate(res.model, x, y, self.preset, self.device, log).to_dict())
+
+        def build():
+            # A cached evaluation under a prefix of the cascade (e.g. before the preset gained Square) is resumed.
+            prefixes = (dataclasses.replace(self.preset, autoattack=a) for a in self.preset.autoattack.prefixes())
+            earlier = next(filter(None, (self.cache.load_json("eval", self.eval_key(res.model, p)) for p in prefixes)), None)
+            resume = Evaluation.from_dict(earlier) if earlier else None
+            return evaluate(res.model, x, y, self.preset, self.device, log, resume=resume).to_dict()
+
+        key = self.eval_key(res.model)
+        payload, _ = self.cache.json("eval", key, build)
         res.evaluation = Evaluation.from_dict(payload)
         res.duration_s += res.evaluation.duration_s
         res.eval_key = key
@@ -475,9 +500,14 @@ class AdvPruneSession:
             out.append(report.make_record(cell, res, self, vers))
         return out
 
-    def finish(self) -> tuple[Path, Path] | None:
-        """Merge this run's cells into the report files; returns their paths, or None if nothing ran."""
-        recs = [r for r in self.records() if r["status"] != "not run"]
+    def run_records(self) -> list[dict]:
+        """Records of the cells this process ran checks of (cells never reached are left out)."""
+        return [r for r in self.records() if r["status"] != "not run"]
+
+    def finish(self, records: list[dict] | None = None) -> tuple[Path, Path] | None:
+        """Merge ``records`` (default: this process's :meth:`run_records`; a pytest-xdist controller
+        passes its workers') into the report files; returns their paths, or None if there are none."""
+        recs = self.run_records() if records is None else records
         if not recs:
             return None
         return report.write(self.config.report_md(), recs, self)

@@ -19,6 +19,12 @@ from pathlib import Path
 
 import pytest
 
+# Every built cell counts its FLOPs with torch's FlopCounterMode, whose first use imports
+# torch._dynamo. Imported here, before any pytester in-process run snapshots sys.modules: a module
+# first imported inside such a run is dropped afterwards, and re-importing torch._dynamo in the
+# next run would register torch's operator libraries twice (RuntimeError).
+import torch._dynamo  # noqa: F401,E402
+
 SMOKE = "--advprune-preset=smoke"
 
 

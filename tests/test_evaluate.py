@@ -222,7 +222,7 @@ def test_evaluate_combines_attack_flags_point_wise(trained, fmnist, tiny_preset,
         calls["pgd"] = (eps, steps)
         return pgd_raw.clone()
 
-    def fake_aa(model, xs, ys, eps, spec, seed, batch, device, log):
+    def fake_aa(model, xs, ys, eps, spec, seed, batch, device, log, done=None):
         calls["aa"] = (eps, spec, seed)
         return AutoAttackOutcome({"apgd-ce": aa_first.clone(), "apgd-t": aa_second.clone()}, ["a warning"])
 
@@ -238,3 +238,64 @@ def test_evaluate_combines_attack_flags_point_wise(trained, fmnist, tiny_preset,
     assert result.warnings == ["a warning"]
     # the stubs make the three sources disagree, so each one matters to the result
     assert bool((clean & pgd_raw & ~aa_second).any()) and bool((clean & aa_second & ~pgd_raw).any())
+
+
+# ----------------------------------------------------------------------------- resuming a cascade
+
+
+def test_autoattack_spec_budgets_of_attacks_not_run_take_defaults():
+    no_square = AutoAttackSpec(version="custom", attacks=("apgd-ce", "apgd-t"), apgd_iters=100, n_target_classes=3)
+    with_square = AutoAttackSpec(version="custom", attacks=("apgd-ce", "apgd-t", "square"), apgd_iters=100,
+                                 n_target_classes=3, square_queries=1000)
+    assert with_square.prefixes() == [no_square, AutoAttackSpec(version="custom", attacks=("apgd-ce",), apgd_iters=100)]
+    assert with_square.prefixes()[0].square_queries == 5000 and with_square.square_queries == 1000
+    assert AutoAttackSpec(version="custom", attacks=("apgd-ce",), n_target_classes=1).n_target_classes == 9
+    assert AutoAttackSpec(version="standard").prefixes() == []
+    # the cached quick evaluations (before the preset gained Square) are found under the first prefix
+    assert presets.QUICK.autoattack.prefixes()[0] == no_square
+
+
+def test_evaluate_resumed_from_a_prefix_equals_a_fresh_evaluation(trained, fmnist, tiny_preset):
+    x, y = fmnist[0][256:], fmnist[1][256:]
+    full = dataclasses.replace(tiny_preset, autoattack=AutoAttackSpec(
+        version="custom", attacks=("apgd-ce", "square"), apgd_iters=3, square_queries=20))
+    head = dataclasses.replace(tiny_preset, autoattack=full.autoattack.prefixes()[0])
+    first = evaluate(trained, x, y, head, CPU)
+    resumed = evaluate(trained, x, y, full, CPU, resume=first)
+    fresh = evaluate(trained, x, y, full, CPU)
+    assert list(resumed.attacks) == list(fresh.attacks) == ["PGD-2", "AA:apgd-ce", "AA:square"]
+    for name in fresh.attacks:
+        assert resumed.attacks[name].flags == fresh.attacks[name].flags, name
+    assert resumed.robust.flags == fresh.robust.flags
+    assert resumed.duration_s > first.duration_s
+
+
+def test_autoattack_rejects_cached_attacks_that_are_not_a_prefix(trained, fmnist):
+    from pytest_advprune.attacks import run_autoattack
+
+    x, y = fmnist[0][256:260], fmnist[1][256:260]
+    spec = AutoAttackSpec(version="custom", attacks=("apgd-ce", "square"), apgd_iters=2, square_queries=5)
+    with pytest.raises(ValueError, match="not a prefix"):
+        run_autoattack(trained, x, y, 0.1, spec, 0, 4, CPU, done={"square": torch.ones(4, dtype=torch.bool)})
+
+
+def test_session_resumes_a_cached_evaluation_when_the_preset_extends_its_cascade(dense_cache):
+    """The smoke dense model's evaluation is cached under smoke's APGD-CE + APGD-T; a preset that
+    appends Square reuses it and runs Square only."""
+    from pytest_advprune import registry
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
+
+    registry.load_builtin()
+    cell = Cell("dense", "fashion_mnist", "cnn", "dense", 0)
+    cached = AdvPruneSession(RunConfig(presets.SMOKE, ["dense"], device="cpu", cache_dir=str(dense_cache))).result(cell)
+    longer = dataclasses.replace(presets.SMOKE, autoattack=dataclasses.replace(
+        presets.SMOKE.autoattack, attacks=(*presets.SMOKE.autoattack.attacks, "square"), square_queries=10))
+    lines: list[str] = []
+    res = AdvPruneSession(RunConfig(longer, ["dense"], device="cpu", cache_dir=str(dense_cache)), log=lines.append).result(cell)
+    assert res.error is None, res.error
+    assert any("resuming from a cached evaluation with apgd-ce, apgd-t" in line for line in lines), lines
+    assert not any("apgd-ce on" in line or "PGD-" in line for line in lines), lines
+    assert "AA:square" in res.evaluation.attacks
+    for name, acc in cached.evaluation.attacks.items():
+        assert res.evaluation.attacks[name].flags == acc.flags, name
+    assert res.evaluation.robust.correct <= cached.evaluation.robust.correct

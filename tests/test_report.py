@@ -91,7 +91,7 @@ def _fake_cell_result(outcomes, skip_reason=None, error=None, evaluated=True):
     res = SimpleNamespace(outcomes=dict(outcomes), skip_reason=skip_reason, error=error, duration_s=3.14159,
                           sparsity=sp if evaluated else None, evaluation=ev if evaluated else None,
                           budget={"pretrain": 3.0, "method": 2.0, "total": 5.0} if evaluated else None,
-                          known_failure=None, indicators=None)
+                          known_failure=None, inference=None, indicators=None)
     session = SimpleNamespace(preset=presets.SMOKE, device="cpu", started=_dt.datetime(2025, 1, 2, 3, 4, 5),
                               floors=lambda cell: (0.01, 0.5, 0.25))
     return cell, res, session
@@ -390,12 +390,15 @@ def golden_doc() -> dict:
     return document(
         report.merge([], [
             record("dense", structure="dense", sparsity=0, clean=0.8231, robust=0.4877),
-            record("hydra", clean=0.7674, robust=0.4334, indicators=INDICATORS_OK),
+            record("hydra", clean=0.7674, robust=0.4334, params=1126942, flops=1110845440, latency_speedup=None,
+                   dense_params=11173962, dense_flops=1110845440, inference={"note": "unstructured"}, indicators=INDICATORS_OK),
             record("hydra", sparsity=99, clean=0.7012, robust=0.3755, status="FAIL", indicators=INDICATORS_FAILED),
             record("lwm", clean=0.7505, robust=0.4334, attack_warnings=["gradient masking suspected"]),
             record("lwm", sparsity=99, evaluated=False, status="ERROR"),
             record("rst", sparsity=90, clean=0.6092, robust=0.1431, status="XFAIL", known_failure="no weight training"),
-            record("lwm", structure="filters", sparsity=50, clean=0.7, robust=0.35, train_epochs=None),
+            record("lwm", structure="filters", sparsity=50, clean=0.7, robust=0.35, train_epochs=None, params=2934101,
+                   flops=283201536, latency_speedup=3.4166, dense_params=11173962, dense_flops=1110845440,
+                   inference={"device": "cuda:0", "removed_fraction": 0.4}),
             record("hydra", structure="filters", sparsity=50, evaluated=False, status="SKIP"),
         ]),
         taxonomy={
@@ -533,16 +536,27 @@ def test_write_moves_a_corrupt_report_aside_and_starts_anew(tmp_path, fake_sessi
     assert any(str(asides[0]) in line for line in fake_session.logged)
 
 
-def test_write_drops_records_of_an_older_protocol_and_says_so(tmp_path, fake_session):
+def test_write_moves_records_of_an_older_protocol_aside_and_says_so(tmp_path, fake_session):
     json_path = tmp_path / "smoke.json"
     old_protocol = smoke("lwm", protocol="smoke-e0-0000000000000000")
+    old_hydra = smoke("hydra", protocol="smoke-e0-0000000000000000")
     current = smoke("hydra", sparsity=95)
-    json_path.write_text(json.dumps({**document([old_protocol, current], preset="smoke")}))
+    json_path.write_text(json.dumps({**document([old_protocol, old_hydra, current], preset="smoke")}))
     report.write(tmp_path / "smoke.md", [smoke("hydra")], fake_session)
     doc = report.load(json_path)
     assert doc["records"] == [smoke("hydra"), current]
     assert doc["protocol"] == report.protocol_id(presets.SMOKE)
-    assert any("dropping 1 record(s) of an older protocol" in line for line in fake_session.logged)
+    # nothing is lost: the old lwm record is kept aside; the re-run hydra cell replaces its old record
+    assert doc["superseded"] == [old_protocol]
+    assert any("2 record(s)" in line and "moved to 'superseded'" in line for line in fake_session.logged)
+    md = (tmp_path / "smoke.md").read_text()
+    superseded = md.split("## Superseded records")[1].split("\n## ")[0]
+    assert "smoke-e0-0000000000000000" in superseded and "lwm" in superseded and "hydra" not in superseded
+    assert md == report.render_markdown(doc)
+    # re-running the lwm cell brings it back and empties the superseded list
+    report.write(tmp_path / "smoke.md", [smoke("lwm")], fake_session)
+    doc = report.load(json_path)
+    assert doc["superseded"] == [] and "## Superseded records" not in (tmp_path / "smoke.md").read_text()
 
 
 def test_write_refuses_a_report_of_another_preset(tmp_path, fake_session):

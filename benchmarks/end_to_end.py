@@ -1,0 +1,156 @@
+"""End to end: one method's whole grid with a warm dense-model cache, timed against the goal.
+
+Copies the warm cache (default ``~/.cache/pytest-advprune``, only read) to a temporary folder,
+removes that method's pruned-model and evaluation entries from the copy, and times
+
+    pytest --advprune-method=<method> --advprune-preset=quick --advprune-cache-dir=<copy>
+
+in a subprocess: a real run of a method nobody has run yet, on a dense model already trained.
+Goal: at most 600 s on a 2-core CPU, at most 60 s on an H100-class GPU. Beside it, the
+estimator's projection of the same grid (calibration) and its projected per-cell cost of the
+``cifar10`` preset on this device. If the copy holds no dense model for the preset, an untimed
+``--advprune-method=dense`` run trains it first. The copy is deleted afterwards.
+
+    python benchmarks/end_to_end.py [--method hydra] [--cache DIR] [--device auto|cpu|cuda] [--out DIR] [--smoke]
+
+``--smoke`` runs the ``smoke`` preset (seconds; used by the test suite). Writes
+``<out>/end_to_end_<device-kind>.json``; the last printed line is the headline ratio (wall time / goal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from pytest_advprune import presets, registry
+from pytest_advprune.estimate import estimate
+from pytest_advprune.session import AdvPruneSession, RunConfig, versions
+
+GOAL_S = {"cpu": 600.0, "cuda": 60.0}
+
+
+def cold_copy(source: Path, target: Path, preset, method: str, device: str) -> int:
+    """Copy the cache ``source`` to ``target`` (lock and temporary files left out), then delete from
+    the copy the pruned models and evaluations of ``method``'s cells; returns how many entries went.
+    ``source`` is only read."""
+    if source.is_dir():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock", "*.tmp"))
+    target.mkdir(parents=True, exist_ok=True)
+    session = AdvPruneSession(RunConfig(preset, [method], device=device, cache_dir=str(target)))
+    removed = []
+    for cell in session.cells():
+        key = session.pruned_key(cell)
+        hit = session.cache.load_state("pruned", key)
+        if hit is not None:
+            from pytest_advprune import models
+
+            model = models.build(cell.arch, preset.dataset, preset.seed)
+            model.load_state_dict(hit[0], strict=True)
+            removed.append(("eval", session.eval_key(model)))
+        removed.append(("pruned", key))
+    count = 0
+    for kind, key in removed:
+        for path in (target / kind).glob(f"{key}.*"):
+            path.unlink()
+            count += path.suffix == ".json"
+    return count
+
+
+def run_pytest(workdir: Path, cache: Path, preset: str, method: str, device: str, extra: list[str]) -> tuple[int, float, str]:
+    """``(exit code, wall seconds, output)`` of one conformance run in a subprocess, report inside ``workdir``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "ADVPRUNE_CACHE_DIR")}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--advprune-method={method}",
+           f"--advprune-preset={preset}", f"--advprune-cache-dir={cache}", f"--advprune-device={device}",
+           f"--advprune-report={workdir / 'reports' / f'{preset}.md'}", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    return proc.returncode, time.perf_counter() - t0, proc.stdout + proc.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="hydra")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "pytest-advprune",
+                    help="warm cache to copy (only read)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
+    ap.add_argument("--smoke", action="store_true", help="the smoke preset instead of quick (seconds)")
+    ap.add_argument("--pytest-args", default="", help="extra pytest arguments for the timed run, e.g. '-n 2'")
+    args = ap.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("end_to_end: --device cuda but no CUDA device here; use --device cpu or auto")
+    registry.load_builtin()
+    preset = presets.get("smoke" if args.smoke else "quick")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    kind = device.type
+    work = Path(tempfile.mkdtemp(prefix="advprune-e2e-"))
+    try:
+        cache = work / "cache"
+        removed = cold_copy(args.cache, cache, preset, args.method, kind)
+        warm_s = None
+        probe = AdvPruneSession(RunConfig(preset, ["dense"], device=kind, cache_dir=str(cache)))
+        if not all(probe.cache.has("dense", probe.dense_key(a)) for a in preset.archs):
+            rc, warm_s, out = run_pytest(work, cache, preset.name, "dense", kind, [])
+            if rc != 0:
+                print(out, file=sys.stderr)
+                raise SystemExit(f"warming the dense model failed (exit {rc})")
+            shutil.rmtree(work / "reports")
+        quick_kw = {"budget_s": 0.05, "batch": 2} if args.smoke else {}
+        projected = estimate(AdvPruneSession(RunConfig(preset, [args.method], device=kind, cache_dir=str(cache))),
+                             **quick_kw)
+        cifar = estimate(AdvPruneSession(RunConfig(presets.get("cifar10"), [args.method], device=kind,
+                                                   cache_dir=str(work / "empty-cache"))), **quick_kw)
+        rc, wall, out = run_pytest(work, cache, preset.name, args.method, kind, args.pytest_args.split())
+        records = json.loads((work / "reports" / f"{preset.name}.json").read_text())["records"] if rc in (0, 1) else []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if rc not in (0, 1):  # 1 = some verdict failed, still a measured run; anything else broke
+        print(out, file=sys.stderr)
+        print(f"end_to_end: the timed run failed (exit {rc})", file=sys.stderr)
+        return 1
+
+    goal = GOAL_S[kind]
+    statuses = {}
+    for r in records:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result = {
+        "benchmark": "end_to_end", "method": args.method, "preset": preset.name, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if kind == "cuda" else "cpu",
+        "wall_s": round(wall, 2), "goal_s": goal, "ratio_to_goal": round(wall / goal, 3), "pytest_exit": rc,
+        "cells": statuses, "cold_entries_removed": removed, "dense_warmup_s": warm_s and round(warm_s, 2),
+        "projected_s": round(projected.todo_h * 3600, 1),
+        "cifar10_projected_per_cell_h": round(cifar.per_cell_h(), 4), "cifar10_projected_grid_h": round(cifar.total_h, 2),
+        "peak_child_rss_mb": round(peak_mb, 1), "versions": versions(), "torch_threads": torch.get_num_threads(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"end_to_end_{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        [f"{args.method} {preset.name} grid (warm dense cache)", f"{wall:.1f} s", f"{goal:.0f} s",
+         f"{wall / goal:.2f}", ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))],
+        [f"estimator's projection of that grid", f"{projected.todo_h * 3600:.1f} s", "", "", "measured / projected "
+         f"{wall / max(projected.todo_h * 3600, 1e-9):.2f}"],
+        [f"cifar10 per cell ({args.method}, projected)", f"{cifar.per_cell_h():.2f} h", "", "",
+         f"whole grid {cifar.total_h:.1f} device-hours"],
+    ]
+    print(tabulate(rows, ["run", "time", "goal", "time / goal", "note"], tablefmt="github", disable_numparse=True))
+    print(f"end_to_end: {args.method} {preset.name} grid in {wall:.1f} s on {device} vs goal {goal:.0f} s: "
+          f"{wall / goal:.2f}x the goal ({'met' if wall <= goal else 'missed'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
