@@ -28,23 +28,32 @@ def pgd(
     step_size: float,
     steps: int,
     random_start: bool = True,
+    trace: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """L-inf PGD on the cross-entropy loss; returns ``x_adv`` (same shape as ``x``, in [0, 1]).
 
     ``eps`` and ``step_size`` are in pixel scale. With ``steps=1``, ``random_start=True`` and
     ``step_size=1.25*eps`` this is FGSM with random start (Wong et al., ICLR 2020).
     The model's train/eval mode is left as the caller set it; parameter gradients are untouched.
+    ``trace``, when given, receives the per-point cross-entropy (``[N]``, detached) at the start
+    point and after every step (``steps + 1`` tensors), for the attack-failure indicators.
     """
     x = x.detach()
     delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
     delta = ((x + delta).clamp_(0, 1) - x).requires_grad_(True)
     for _ in range(steps):
-        loss = F.cross_entropy(model(x + delta), y)
+        logits = model(x + delta)
+        loss = F.cross_entropy(logits, y)
+        if trace is not None:
+            trace.append(F.cross_entropy(logits.detach(), y, reduction="none"))
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             delta += step_size * grad.sign()
             delta.clamp_(-eps, eps)
             delta.copy_((x + delta).clamp_(0, 1) - x)
+    if trace is not None:
+        with torch.no_grad():
+            trace.append(F.cross_entropy(model(x + delta), y, reduction="none"))
     return (x + delta).detach()
 
 
@@ -176,6 +185,13 @@ def run_autoattack(
     ``done``: cumulative flags (bool ``[N]``) of the cascade's first attacks, in order, from an
     earlier run on the same model and points (see :meth:`AutoAttackSpec.prefixes`); those attacks
     are not run again. Raises ValueError if ``done`` is not a prefix of the cascade.
+
+    AutoAttack's built-in checks (randomised model, softmax output, dynamic defence, class count,
+    zero gradients inside APGD-DLR/APGD-T) log warnings on the ``auto-attack`` logger; they are
+    collected into :attr:`AutoAttackOutcome.warnings`. Its "Square beat the white-box attacks"
+    check never fires here (it needs the whole cascade in one call); the attack-failure
+    indicators make that comparison. Models with fewer than 4 classes get the attack set of
+    :func:`attacks_for_classes` (a ``note: ...`` line says so), never an IndexError.
     """
     from pyautoattack import AutoAttack
 
@@ -187,8 +203,11 @@ def run_autoattack(
     try:
         with torch.no_grad():
             robust = predict(model, x, batch_size, device) == y
+            n_classes = model(x[:1].to(device)).shape[1]
         flags_after: dict[str, torch.Tensor] = {}
         attacks = ("apgd-ce", "apgd-t", "fab-t", "square") if spec.version == "standard" else spec.attacks
+        attacks, note = attacks_for_classes(attacks, n_classes)
+        notes = [note] if note else []
         done = done or {}
         if tuple(done) != attacks[: len(done)]:
             raise ValueError(f"cached attacks {tuple(done)} are not a prefix of the cascade {attacks}")
@@ -201,23 +220,48 @@ def run_autoattack(
                 log(f"{name} on {len(idx)} points")
                 aa = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=[name], seed=seed, device=device)
                 aa.verbose = False
-                _configure(aa, spec)
+                _configure(aa, spec, n_classes)
                 _, y_adv = aa.run_standard_evaluation(x[idx].to(device), y[idx].to(device), batch_size=batch_size)
                 robust = robust.clone()
                 robust[idx] = (y_adv.cpu() == y[idx])
             flags_after[name] = robust.clone()
-        return AutoAttackOutcome(flags_after, list(dict.fromkeys(capture.messages)))
+        return AutoAttackOutcome(flags_after, notes + list(dict.fromkeys(capture.messages)))
     finally:
         aa_logger.removeHandler(capture)
         aa_logger.setLevel(previous_level)
 
 
-def _configure(aa, spec: AutoAttackSpec) -> None:
-    """Set the sub-attacks' budgets. For ``standard`` these are AutoAttack's own standard values."""
+def attacks_for_classes(attacks: tuple[str, ...], n_classes: int) -> tuple[tuple[str, ...], str | None]:
+    """The attacks of ``attacks`` that are defined for a ``n_classes``-class model, and a note saying
+    what changed (None if nothing did).
+
+    AutoAttack's DLR loss divides by ``z_pi1 - z_pi3`` and its targeted DLR loss by
+    ``z_pi1 - (z_pi3 + z_pi4) / 2`` (Croce & Hein, ICML 2020, eqs. 5-6): they need 3 and 4 classes.
+    With 3 classes APGD-T becomes APGD-DLR (untargeted); with 2 classes both DLR attacks are
+    dropped, since the only target class is the untargeted attack's and APGD-CE covers it.
+    """
+    out: list[str] = []
+    for name in attacks:
+        if name == "apgd-t" and n_classes < 4:
+            name = "apgd-dlr"
+        if name == "apgd-dlr" and n_classes < 3:
+            continue
+        if name not in out:
+            out.append(name)
+    if tuple(out) == tuple(attacks):
+        return tuple(attacks), None
+    return tuple(out), (f"note: the model has {n_classes} classes; AutoAttack's DLR loss needs 3 and its targeted "
+                        f"DLR loss 4, so {', '.join(attacks)} ran as {', '.join(out) or 'nothing'}")
+
+
+def _configure(aa, spec: AutoAttackSpec, n_classes: int) -> None:
+    """Set the sub-attacks' budgets. For ``standard`` these are AutoAttack's own standard values;
+    target classes are capped at ``n_classes - 1`` (there are no more)."""
     if spec.version == "standard":
         n_iter, n_targets, queries = 100, 9, 5000
     else:
         n_iter, n_targets, queries = spec.apgd_iters, spec.n_target_classes, spec.square_queries
+    n_targets = max(1, min(n_targets, n_classes - 1))
     aa.apgd.n_iter = n_iter
     aa.apgd.n_restarts = 1
     aa.apgd_targeted.n_iter = n_iter

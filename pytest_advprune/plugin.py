@@ -259,6 +259,12 @@ def _cell_of(item: pytest.Item):
     return getattr(getattr(item, "callspec", None), "params", {}).get("advprune_cell")
 
 
+def _kind(item: pytest.Item) -> str:
+    """The session check a conformance test states: ``sparsity``, ``clean``, ``robust`` or ``indicator:<name>``."""
+    indicator = getattr(getattr(item, "callspec", None), "params", {}).get("advprune_indicator")
+    return f"indicator:{indicator}" if indicator else CHECKS[item.originalname]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A cell's checks run together: its slow build is followed at once by its verdicts.
     order = {id(it): i for i, it in enumerate(items)}
@@ -280,7 +286,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     cell = _cell_of(item)
     if session is not None and cell is not None and (report.when == "call" or report.skipped):
         outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
-        session.record(cell, CHECKS[item.originalname], outcome)
+        session.record(cell, _kind(item), outcome)
     return report
 
 

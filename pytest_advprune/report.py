@@ -100,6 +100,8 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         })
         if getattr(ev, "fmn", None) is not None:
             rec["fmn"] = _fmn_record(ev, p.eps)
+    if res.indicators is not None:
+        rec["indicators"] = {k: {f: v for f, v in ind.to_dict().items() if f != "name"} for k, ind in res.indicators.items()}
     return rec
 
 
@@ -445,6 +447,28 @@ def _superseded_table(doc: dict) -> str | None:
                     disable_numparse=True)
 
 
+def _indicator_section(doc: dict) -> list[str]:
+    """Markdown lines of the attack-failure indicators: one row per cell that has them, one column per
+    indicator (``ok``, ``FAIL``, ``–`` not run or not applicable), then each failure's message."""
+    recs = [r for r in doc["records"] if r.get("indicators")]
+    if not recs:
+        return []
+    names = list(dict.fromkeys(k for r in recs for k in r["indicators"]))
+    text = {True: "ok", False: "FAIL", None: "–"}
+    rows, failures = [], []
+    for r in recs:
+        cell = f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}"
+        inds = r["indicators"]
+        rows.append([cell] + [text[inds[n]["passed"]] if n in inds else "–" for n in names])
+        failures += [f"- `{cell}` {n}: {inds[n]['message']}" for n in names if n in inds and inds[n]["passed"] is False]
+    lines = ["## Attack-failure indicators", "",
+             tabulate(rows, ["cell"] + names, tablefmt="github", disable_numparse=True), "",
+             "Each indicator re-checks that the robust accuracy is a measurement and not an attack failure (Pintor et "
+             "al. 2022; Carlini et al. 2019); thresholds are in the README. A failed indicator fails the cell and is "
+             "never excused by a known failure.", ""]
+    return lines + (failures + [""] if failures else [])
+
+
 def render_markdown(doc: dict) -> str:
     """The whole markdown report of a report document (pure function of the JSON)."""
     recs = doc["records"]
@@ -479,6 +503,7 @@ def render_markdown(doc: dict) -> str:
                   "`FMN missed`: points PGD or AutoAttack broke at eps that FMN did not; `only FMN`: the reverse. "
                   "FMN is tuned per model on points disjoint from the evaluated ones (see the header).", ""]
     lines += ["## Cells in detail", "", _detail_table(doc), ""]
+    lines += _indicator_section(doc)
     superseded = _superseded_table(doc)
     if superseded:
         lines += ["## Superseded records", "", "Measured under an older protocol of this preset (its attacks, budgets or "

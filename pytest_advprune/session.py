@@ -178,6 +178,8 @@ class CellResult:
     budget: dict[str, float] | None = None
     known_failure: str | None = None
     inference: dict | None = None
+    eval_key: str | None = None
+    indicators: dict | None = None  # name -> indicators.Indicator, once computed
 
 
 def versions() -> dict[str, str]:
@@ -343,6 +345,17 @@ class AdvPruneSession:
         self._dense[arch] = model.to(self.device).eval()
         return self._dense[arch]
 
+    def _cached_dense(self, arch: str) -> nn.Module | None:
+        """The preset's dense model for ``arch`` if already loaded or cached, else None (never trains it)."""
+        if arch not in self._dense:
+            hit = self.cache.load_state("dense", self.dense_key(arch))
+            if hit is None:
+                return None
+            model = models.build(arch, self.preset.dataset, self.preset.seed)
+            model.load_state_dict(hit[0], strict=True)
+            self._dense[arch] = model.to(self.device).eval()
+        return self._dense[arch]
+
     def _pruned(self, cell: Cell) -> tuple[nn.Module, dict]:
         p = self.preset
         if self.config.checkpoint is not None:
@@ -413,7 +426,8 @@ class AdvPruneSession:
             resume = Evaluation.from_dict(earlier) if earlier else None
             return evaluate(res.model, x, y, self.preset, self.device, log, resume=resume).to_dict()
 
-        payload, _ = self.cache.json("eval", self.eval_key(res.model), build)
+        key = self.eval_key(res.model)
+        payload, _ = self.cache.json("eval", key, build)
         res.evaluation = Evaluation.from_dict(payload)
         res.duration_s += res.evaluation.duration_s
         if self.preset.fmn is not None:
@@ -421,6 +435,8 @@ class AdvPruneSession:
             result = self._fmn(res.model, weights.hexdigest(), log)
             res.evaluation = with_fmn(res.evaluation, result, self.preset.eps)
             res.duration_s += result.seconds
+
+        res.eval_key = key
 
     def _fmn(self, model: nn.Module, weights: str, log: Callable[[str], None]) -> FMNResult:
         """FMN distances of ``model`` on the evaluated points, cached in their own kind (``fmn``) by
@@ -452,15 +468,41 @@ class AdvPruneSession:
                             f"split has {len(x)}; set the preset's FMNSpec(tune_split='train')")
         return x[p.n_eval:], y[p.n_eval:]
 
+    def _build_indicators(self, res: CellResult) -> None:
+        """The attack-failure indicators of an evaluated cell, cached in their own kind, keyed by the
+        evaluation's key, the transfer source's weights, the indicator settings and module source."""
+        from . import indicators
+
+        x, y = self._split(False)
+        arch = res.cell.arch if self.config.checkpoint is None else self.preset.archs[0]
+        source = None if res.cell.structure == "dense" else self._cached_dense(arch)
+        source_key = None if source is None else \
+            hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in source.state_dict().values())).hexdigest()[:24]
+        key = digest({"kind": "indicators", "eval": res.eval_key, "source": source_key,
+                      "settings": indicators.DEFAULT.fingerprint(), "code": _source_digest(indicators.compute)})
+        log = lambda s: self.log(f"[{res.cell.id}] {s}")
+        payload, _ = self.cache.json("indicators", key, lambda: {
+            k: v.to_dict() for k, v in indicators.compute(res.model, x, y, res.evaluation, self.preset.eps, self.preset.seed,
+                                                          self.device, source, log=log).items()})
+        res.indicators = {k: indicators.Indicator.from_dict(v) for k, v in payload.items()}
+
     # ---------------------------------------------------------------- verdicts
 
     def check(self, cell: Cell, kind: str) -> Verdict:
-        """Verdict of ``kind`` in ``sparsity``/``clean``/``robust`` for ``cell``."""
+        """Verdict of ``kind`` in ``sparsity``/``clean``/``robust``/``indicator:<name>`` for ``cell``
+        (names in :data:`pytest_advprune.indicators.NAMES`)."""
         res = self.result(cell, evaluated=kind != "sparsity")
         if res.skip_reason:
             return Verdict(None, res.skip_reason)
         if res.error:
             return Verdict(False, res.error)
+        if kind.startswith("indicator:"):
+            if res.indicators is None:
+                self._guard(res, lambda: self._build_indicators(res))
+                if res.error:
+                    return Verdict(False, res.error)
+            ind = res.indicators[kind.split(":", 1)[1]]
+            return Verdict(ind.passed, f"{ind.name}: {ind.message}")
         tol, min_clean, min_robust = self.floors(cell)
         ev = res.evaluation
         if kind == "sparsity":

@@ -29,6 +29,7 @@ from pytest_advprune.checkpoint import CheckpointError
 from pytest_advprune.data import DATASETS
 from pytest_advprune.errors import NonFiniteModel
 from pytest_advprune.evaluate import evaluate
+from pytest_advprune.indicators import NAMES as INDICATORS
 from pytest_advprune.session import AdvPruneSession, Cell, CheckpointSpec, RunConfig, load_checkpoint_model
 from pytest_advprune.sparsity import measure, prunable_layers
 
@@ -37,6 +38,13 @@ registry.load_builtin()
 USAGE = pytest.ExitCode.USAGE_ERROR
 MINE = Cell("mine", "fashion_mnist", "cnn", "weights", 90)
 CHECKS = {"sparsity": "test_sparsity", "clean": "test_clean_accuracy", "robust": "test_robust_accuracy"}
+
+
+def case_name(kind: str) -> str:
+    """The JUnit test name of a session check kind (``sparsity``, ..., ``indicator:<name>``) of the MINE cell."""
+    if kind.startswith("indicator:"):
+        return f"test_attack_indicator[{MINE.id}-{kind.split(':', 1)[1]}]"
+    return f"{CHECKS[kind]}[{MINE.id}]"
 
 
 def cnn(seed: int = 0) -> nn.Module:
@@ -519,7 +527,7 @@ def own_pruned(dense_cache, tmp_path_factory):
     cell = Cell("lwm", "fashion_mnist", "cnn", "weights", 90)
     res = session.result(cell)
     assert res.error is None, res.error
-    verdicts = {kind: session.check(cell, kind).passed for kind in CHECKS}
+    verdicts = {kind: session.check(cell, kind).passed for kind in [*CHECKS, *(f"indicator:{n}" for n in INDICATORS)]}
     model = res.model.cpu().eval()
     for name, (zeros, total) in measure(model, "weights").per_layer.items():
         assert zeros == round(0.9 * total), f"lwm's {name} is not at 90%: HYDRA scores could not reproduce it"
@@ -586,9 +594,9 @@ def test_checkpoint_formats_match_the_in_process_model(advprune, own_pruned, fmt
     torch.save(FORMATS[fmt](own_pruned), path)
     result = advprune.subprocess(*checkpoint_args(path))
     cases = advprune.cases()
-    expected = {f"{CHECKS[k]}[{MINE.id}]": "passed" if v else "failed" for k, v in own_pruned.verdicts.items()}
+    expected = {case_name(k): {True: "passed", False: "failed", None: "skipped"}[v] for k, v in own_pruned.verdicts.items()}
     assert {k: v[0] for k, v in cases.items()} == expected, result.stdout.str()
-    assert result.ret == (0 if all(own_pruned.verdicts.values()) else 1)
+    assert result.ret == (1 if False in own_pruned.verdicts.values() else 0)
 
     rec = advprune.records()[MINE.id]
     assert rec["method"] == "mine" and rec["target_sparsity"] == 0.9
@@ -626,7 +634,7 @@ def test_malicious_checkpoint_fails_the_run_and_nothing_runs(advprune, tmp_path)
     assert not marker.exists(), "the checkpoint's code ran"
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     cases = advprune.cases()
-    assert set(cases) == {f"{t}[{MINE.id}]" for t in CHECKS.values()}
+    assert set(cases) == {case_name(k) for k in [*CHECKS, *(f"indicator:{n}" for n in INDICATORS)]}
     for name, (outcome, message) in cases.items():
         assert outcome == "failed", name
         assert "refused" in message and str(path) in message, message

@@ -20,6 +20,7 @@ import pytest
 import pytest_advprune.report  # noqa: F401
 import pytest_advprune.session  # noqa: F401
 from pytest_advprune import registry
+from pytest_advprune.indicators import NAMES as INDICATORS
 from pytest_advprune.plugin import SUITE
 
 registry.load_builtin()
@@ -27,6 +28,10 @@ registry.load_builtin()
 CELL = "fashion_mnist-cnn"  # the smoke preset's dataset and architecture
 DENSE = f"dense-{CELL}-dense-0"
 USAGE = pytest.ExitCode.USAGE_ERROR
+PER_CELL = 3 + len(INDICATORS)  # sparsity, clean, robust, then one test per attack-failure indicator
+# the smoke dense cell: 2 accuracy checks and every indicator pass but black_box (smoke runs no Square) and
+# transfer (the dense model is its own source); its sparsity check does not apply
+DENSE_PASSED, DENSE_SKIPPED = 2 + len(INDICATORS) - 2, 1 + 2
 RECORD_KEYS = {"method", "preset", "dataset", "arch", "structure", "target_sparsity", "achieved_sparsity", "clean_acc",
                "robust_acc", "n_eval", "ci95", "passed", "seed", "device", "duration_s", "versions"}
 
@@ -302,7 +307,7 @@ def test_ids_comma_list(advprune):
     expected = {f"{m}-{CELL}-{s}" for m in ("hydra", "lwm") for s in ("weights-90", "filters-50")}
     for test in ("test_sparsity", "test_clean_accuracy", "test_robust_accuracy"):
         assert sorted(i for t, i in items if t == test) == sorted(expected)
-    assert len(items) == 12  # hydra once, although named twice
+    assert len(items) == 4 * PER_CELL  # hydra once, although named twice
     result.stdout.fnmatch_lines(["*::test_robust_accuracy[[]hydra-fashion_mnist-cnn-weights-90[]]"])
 
 
@@ -316,9 +321,9 @@ def test_ids_all(advprune):
     assert ("test_sparsity", DENSE) in items
     assert ("test_clean_accuracy", f"random-{CELL}-filters-50") in items
     assert not any(i.startswith("dense-") and "weights" in i for _, i in items)
-    # a cell's three checks are collected together
-    ids = [i for _, i in items]
-    assert all(ids[k] == ids[k - k % 3] for k in range(len(ids)))
+    # a cell's checks are collected together (an indicator test's id is the cell id, then the indicator)
+    ids = [i.rsplit("-", 1)[0] if t == "test_attack_indicator" else i for t, i in items]
+    assert all(ids[k] == ids[k - k % PER_CELL] for k in range(len(ids)))
 
 
 def test_no_paths_collects_only_the_conformance_suite(advprune):
@@ -326,7 +331,8 @@ def test_no_paths_collects_only_the_conformance_suite(advprune):
     result = advprune.inprocess("--advprune-method=dense", "--collect-only", "-q")
     assert result.ret == 0
     assert "test_plain" not in result.stdout.str()
-    assert collected(result) == [(t, DENSE) for t in ("test_sparsity", "test_clean_accuracy", "test_robust_accuracy")]
+    assert collected(result) == [(t, DENSE) for t in ("test_sparsity", "test_clean_accuracy", "test_robust_accuracy")] + [
+        ("test_attack_indicator", f"{DENSE}-{name}") for name in INDICATORS]
 
 
 def test_explicit_paths_are_honoured(advprune):
@@ -337,7 +343,7 @@ def test_explicit_paths_are_honoured(advprune):
     assert collected(result) == []
     result = advprune.inprocess("--advprune-method=dense", "--collect-only", "-q", "test_plain.py", str(SUITE))
     assert len([line for line in result.outlines if line.endswith("::test_plain")]) == 1
-    assert len(collected(result)) == 3
+    assert len(collected(result)) == PER_CELL
 
 
 # ------------------------------------------------------------------ skips
@@ -345,10 +351,11 @@ def test_explicit_paths_are_honoured(advprune):
 
 def test_unsupported_cell_is_skipped_with_reason(advprune):
     result = advprune.inprocess("--advprune-method=hydra", "-k", "filters")
-    result.assert_outcomes(skipped=3, deselected=3)
+    result.assert_outcomes(skipped=PER_CELL, deselected=PER_CELL)
     cases = advprune.cases()
     assert set(cases) == {f"{t}[hydra-{CELL}-filters-50]" for t in
-                          ("test_sparsity", "test_clean_accuracy", "test_robust_accuracy")}
+                          ("test_sparsity", "test_clean_accuracy", "test_robust_accuracy")} | {
+        f"test_attack_indicator[hydra-{CELL}-filters-50-{name}]" for name in INDICATORS}
     for outcome, message in cases.values():
         assert outcome == "skipped"
         assert "hydra does not support filters pruning (supports: weights)" in message
@@ -359,7 +366,7 @@ def test_unsupported_cell_is_skipped_with_reason(advprune):
 
 def test_dense_sparsity_not_applicable(advprune, dense_cache):
     result = advprune.inprocess("--advprune-method=dense", "-rs")
-    result.assert_outcomes(passed=2, skipped=1)
+    result.assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
     cases = advprune.cases()
     assert cases[f"test_sparsity[{DENSE}]"][0] == "skipped"
     assert "not applicable: the dense reference model is not pruned" in cases[f"test_sparsity[{DENSE}]"][1]
@@ -375,7 +382,7 @@ def test_methods_dir_method_that_underprunes_fails_sparsity(advprune, dense_cach
     # the sparsity check alone: it needs no attack, so the cell is pruned and measured, never evaluated
     result = advprune.subprocess("--advprune-method=halfprune", f"--advprune-methods-dir={folder}", "-k", "sparsity")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(failed=1, skipped=1, deselected=4)
+    result.assert_outcomes(failed=1, skipped=1, deselected=2 * PER_CELL - 2)
     outcome, message = advprune.cases()[f"test_sparsity[halfprune-{CELL}-weights-90]"]
     assert outcome == "failed"
     assert re.search(r"weights sparsity (4\d|5\d)\.\d\d% vs target 90%", message), message
@@ -407,9 +414,12 @@ def test_methods_dir_well_behaved_method_passes(advprune, dense_cache):
     cases = advprune.cases()
     cell = f"goodlwm-{CELL}-weights-90"
     checks = ("test_sparsity", "test_clean_accuracy", "test_robust_accuracy")
+    indicators = [f"test_attack_indicator[{{}}-{name}]" for name in INDICATORS]
     assert {k: v[0] for k, v in cases.items()} == {
         **{f"{t}[{cell}]": "passed" for t in checks},
+        **{t.format(cell): "skipped" if "black_box" in t else "passed" for t in indicators},  # smoke runs no Square
         **{f"{t}[goodlwm-{CELL}-filters-50]": "skipped" for t in checks},  # weights only: filters unsupported
+        **{t.format(f"goodlwm-{CELL}-filters-50"): "skipped" for t in indicators},
     }
     rec = advprune.records()[cell]
     assert rec["status"] == "PASS" and rec["passed"] is True
@@ -421,7 +431,7 @@ def test_nan_weights_fail_with_a_clear_message(advprune, dense_cache):
     folder = advprune.write_methods(diverged=NAN)
     result = advprune.subprocess("--advprune-method=diverged", f"--advprune-methods-dir={folder}")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(failed=3, skipped=3)
+    result.assert_outcomes(failed=PER_CELL, skipped=PER_CELL)
     cell = f"diverged-{CELL}-weights-90"
     for test in ("test_sparsity", "test_clean_accuracy", "test_robust_accuracy"):
         outcome, message = advprune.cases()[f"{test}[{cell}]"]
@@ -440,8 +450,8 @@ def test_nan_weights_fail_with_a_clear_message(advprune, dense_cache):
 
 
 def test_k_selects_checks(advprune, dense_cache):
-    result = advprune.inprocess("--advprune-method=dense,hydra", "-k", "dense and clean")
-    result.assert_outcomes(passed=1, deselected=8)
+    result = advprune.inprocess("--advprune-method=dense,hydra", "-k", "dense and clean_accuracy")
+    result.assert_outcomes(passed=1, deselected=3 * PER_CELL - 1)
     assert list(advprune.cases()) == [f"test_clean_accuracy[{DENSE}]"]
     assert set(advprune.records()) == {DENSE}  # hydra was never built
 
@@ -450,9 +460,9 @@ def test_x_stops_at_first_failure(advprune, dense_cache):
     folder = advprune.write_methods(halfprune=HALF)
     result = advprune.subprocess("--advprune-method=dense,halfprune", f"--advprune-methods-dir={folder}", "-x")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    # dense: sparsity n/a, clean, robust; halfprune: its filters cell (unsupported, sorted first), then
-    # the weights cell's sparsity check fails and the run stops before its clean and robust checks
-    result.assert_outcomes(passed=2, skipped=4, failed=1)
+    # dense: sparsity n/a, clean, robust, indicators; halfprune: its filters cell (unsupported, sorted first),
+    # then the weights cell's sparsity check fails and the run stops before its other checks
+    result.assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED + PER_CELL, failed=1)
     result.stdout.fnmatch_lines(["*stopping after 1 failures*"])
     cases = advprune.cases()
     assert cases[f"test_sparsity[halfprune-{CELL}-weights-90]"][0] == "failed"
@@ -465,7 +475,7 @@ def test_x_stops_at_first_failure(advprune, dense_cache):
 
 def test_report_default_path_and_record_keys(advprune, dense_cache):
     result = advprune.inprocess("--advprune-method=dense,hydra", "-k", "dense or filters", report=False)
-    result.assert_outcomes(passed=2, skipped=4)
+    result.assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED + PER_CELL)
     md = advprune.pytester.path / "reports" / "smoke.md"
     js = md.with_suffix(".json")
     assert md.is_file() and js.is_file()
@@ -491,11 +501,15 @@ def test_report_default_path_and_record_keys(advprune, dense_cache):
 
 def test_report_merges_methods_and_replaces_cells(advprune, dense_cache):
     folder = advprune.write_methods(collapse=COLLAPSE)
-    advprune.inprocess("--advprune-method=dense").assert_outcomes(passed=2, skipped=1)
+    advprune.inprocess("--advprune-method=dense").assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
     result = advprune.subprocess("--advprune-method=collapse", f"--advprune-methods-dir={folder}")
-    result.assert_outcomes(passed=1, failed=2, skipped=3)
     collapse = f"collapse-{CELL}-weights-90"
     recs = advprune.records()  # asserts one record per cell
+    verdicts = [v["passed"] for v in recs[collapse]["indicators"].values()]  # constant logits fail some of them
+    assert False in verdicts
+    # sparsity passes, clean and robust fail, the indicators as recorded; the filters cell is unsupported
+    result.assert_outcomes(passed=1 + verdicts.count(True), failed=2 + verdicts.count(False),
+                           skipped=PER_CELL + verdicts.count(None))
     assert set(recs) == {DENSE, collapse, f"collapse-{CELL}-filters-50"}
     assert recs[DENSE]["status"] == "PASS" and recs[collapse]["status"] == "FAIL"
     # the terminal leaderboard and the markdown both show both methods
@@ -511,7 +525,8 @@ def test_report_merges_methods_and_replaces_cells(advprune, dense_cache):
     taxonomy = md.split("## Taxonomy (Piras et al. 2024)", 1)[1]
     assert re.search(r"^\| dense ", taxonomy, re.M) and re.search(r"^\| collapse .*pytest-advprune test fixture", taxonomy, re.M)
     # re-running a cell replaces its record: now with a floor it cannot meet
-    advprune.inprocess("--advprune-method=dense", "--advprune-min-robust=99").assert_outcomes(passed=1, failed=1, skipped=1)
+    advprune.inprocess("--advprune-method=dense", "--advprune-min-robust=99").assert_outcomes(
+        passed=DENSE_PASSED - 1, failed=1, skipped=DENSE_SKIPPED)
     again = advprune.records()
     assert set(again) == set(recs)
     assert again[DENSE]["status"] == "FAIL" and again[DENSE]["floors"]["robust"] == 0.99
@@ -522,7 +537,7 @@ def test_report_merges_methods_and_replaces_cells(advprune, dense_cache):
 def test_dense_alone_shows_in_the_leaderboard(advprune, dense_cache):
     """A run of the dense reference alone still gives a leaderboard row (terminal and markdown)."""
     result = advprune.inprocess("--advprune-method=dense")
-    result.assert_outcomes(passed=2, skipped=1)
+    result.assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
     summary = result.stdout.str().split("advprune leaderboard", 1)[1]
     assert re.search(r"^dense\s+\d+\.\d / \d+\.\d PASS", summary, re.M), summary
     assert re.search(r"^\| dense\s*\| \d+\.\d / \d+\.\d PASS", advprune.report_md.read_text(), re.M)
@@ -530,8 +545,8 @@ def test_dense_alone_shows_in_the_leaderboard(advprune, dense_cache):
 
 def test_partial_run_does_not_pass_a_cell(advprune, dense_cache):
     """Running only some of a cell's checks (-k) must not mark it PASS: its robust check never ran."""
-    result = advprune.inprocess("--advprune-method=dense", "--advprune-min-robust=99", "-k", "clean")
-    result.assert_outcomes(passed=1, deselected=2)
+    result = advprune.inprocess("--advprune-method=dense", "--advprune-min-robust=99", "-k", "clean_accuracy")
+    result.assert_outcomes(passed=1, deselected=PER_CELL - 1)
     rec = advprune.records()[DENSE]
     assert rec["checks"] == {"clean": "passed"}
     assert rec["status"] != "PASS" and rec["passed"] is not True
@@ -541,7 +556,7 @@ def test_corrupt_report_is_moved_aside(advprune, dense_cache):
     advprune.report_json.parent.mkdir(parents=True)
     advprune.report_json.write_text('{"schema": 1, "records": [ this is not json')
     result = advprune.inprocess("--advprune-method=dense")
-    result.assert_outcomes(passed=2, skipped=1)
+    result.assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
     aside = list(advprune.report_json.parent.glob("smoke.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text().endswith("this is not json")
     assert set(advprune.records()) == {DENSE}
@@ -565,14 +580,14 @@ def test_ini_options_are_used_and_the_command_line_wins(advprune, dense_cache, m
     result = advprune.inprocess("--advprune-method=dense", "--collect-only", preset=False, cache=False, report=False)
     result.stdout.fnmatch_lines(["advprune: preset: smoke"])
     result = advprune.inprocess("--advprune-method=dense", preset=False, cache=False, report=False)
-    result.assert_outcomes(passed=1, failed=1, skipped=1)  # the ini's robust floor of 99%
+    result.assert_outcomes(passed=DENSE_PASSED - 1, failed=1, skipped=DENSE_SKIPPED)  # the ini's robust floor of 99%
     assert "vs floor 99%" in advprune.cases()[f"test_robust_accuracy[{DENSE}]"][1]
     assert "training the dense" not in result.stdout.str() and not fallback.exists()
     ini_json = advprune.pytester.path / "ini-reports" / "smoke.json"
     assert advprune.records(ini_json)[DENSE]["floors"]["robust"] == 0.99
 
     result = advprune.inprocess("--advprune-method=dense", "--advprune-min-robust=10", cache=False)
-    result.assert_outcomes(passed=2, skipped=1)
+    result.assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
     assert advprune.records()[DENSE]["floors"]["robust"] == 0.10  # --advprune-report beat the ini's report
 
     quick = ("--advprune-preset=quick", "--advprune-report=reports/quick.md", "--collect-only")
@@ -585,7 +600,7 @@ def test_ini_options_are_used_and_the_command_line_wins(advprune, dense_cache, m
 
 def test_min_robust_override_fails_a_passing_method(advprune, dense_cache):
     result = advprune.inprocess("--advprune-method=dense", "--advprune-min-robust=99")
-    result.assert_outcomes(passed=1, failed=1, skipped=1)
+    result.assert_outcomes(passed=DENSE_PASSED - 1, failed=1, skipped=DENSE_SKIPPED)
     outcome, message = advprune.cases()[f"test_robust_accuracy[{DENSE}]"]
     assert outcome == "failed" and "vs floor 99%" in message
     rec = advprune.records()[DENSE]
@@ -598,9 +613,9 @@ def test_quiet_hides_progress_lines(advprune, dense_cache):
     for flags, shown in ((["-q"], False), ([], True)):
         token = random.randrange(1, 10**9)  # a model never evaluated before, so the run logs its evaluation
         advprune.write_methods(fresh=fresh_source(token))
-        result = advprune.subprocess("--advprune-method=fresh", f"--advprune-methods-dir={folder}", "-k", "weights",
-                                     *flags)
-        result.assert_outcomes(passed=1, failed=2, deselected=3)
+        result = advprune.subprocess("--advprune-method=fresh", f"--advprune-methods-dir={folder}", "-k",
+                                     "weights and not attack_indicator", *flags)
+        result.assert_outcomes(passed=1, failed=2, deselected=2 * PER_CELL - 3)
         progress = [line for line in result.outlines if line.startswith("[advprune]")]
         if shown:
             assert any("PGD-5 on 200 points" in line for line in progress), result.stdout.str()
@@ -608,7 +623,26 @@ def test_quiet_hides_progress_lines(advprune, dense_cache):
             assert progress == [], progress
 
 
-KNOWN_WEAK = COLLAPSE.replace('name = "collapse"', 'name = "knownweak"\n    known_failures = {"smoke": "collapses by design"}')
+KNOWN_WEAK = _HEADER + '''
+
+@register
+class KnownWeak(Method):
+    """Weak on purpose, yet honestly evaluable: flips the sign of half the second conv layer's weights."""
+
+    name = "knownweak"
+    taxonomy = TAXONOMY
+    structures = ("weights",)
+    known_failures = {"smoke": "collapses by design"}
+
+    def prune(self, ctx):
+        model = ctx.dense
+        apply_masks(model, make_masks(model, ctx.structure, ctx.sparsity))
+        layer = list(prunable_layers(model).values())[1]
+        flip = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+        with torch.no_grad():
+            layer.weight.mul_(torch.where(flip, -1.0, 1.0))
+        return model
+'''
 KNOWN_WEAK_BUT_FINE = _HEADER + '''
 
 @register

@@ -92,7 +92,7 @@ def _fake_cell_result(outcomes, skip_reason=None, error=None, evaluated=True):
     res = SimpleNamespace(outcomes=dict(outcomes), skip_reason=skip_reason, error=error, duration_s=3.14159,
                           sparsity=sp if evaluated else None, evaluation=ev if evaluated else None,
                           budget={"pretrain": 3.0, "method": 2.0, "total": 5.0} if evaluated else None,
-                          known_failure=None, inference=None)
+                          known_failure=None, inference=None, indicators=None)
     session = SimpleNamespace(preset=presets.SMOKE, device="cpu", started=_dt.datetime(2025, 1, 2, 3, 4, 5),
                               floors=lambda cell: (0.01, 0.5, 0.25))
     return cell, res, session
@@ -107,6 +107,21 @@ def test_hand_built_records_have_the_keys_make_record_produces():
     assert real["target_sparsity"] == 0.9 and real["robust_acc"]["worst_case"] == 0.4
     assert real["status"] == "PASS" and real["passed"] is True
     assert real["train_epochs"] == {"pretrain": 3.0, "method": 2.0, "total": 5.0, "preset_budget": 5.0}
+
+
+def test_make_record_keeps_every_indicator_and_a_failed_one_fails_the_cell():
+    from pytest_advprune.indicators import Indicator
+
+    outcomes = {"sparsity": "passed", "clean": "xfailed", "robust": "xfailed", "indicator:gradients": "failed",
+                "indicator:black_box": "skipped"}
+    cell, res, session = _fake_cell_result(outcomes)
+    res.indicators = {"gradients": Indicator("gradients", False, 0.9, 0.01, "90.0% zero"),
+                      "black_box": Indicator("black_box", None, None, 0.01, "not run")}
+    rec = report.make_record(cell, res, session, {})
+    assert rec["indicators"] == {"gradients": {"passed": False, "value": 0.9, "threshold": 0.01, "message": "90.0% zero"},
+                                 "black_box": {"passed": None, "value": None, "threshold": 0.01, "message": "not run"}}
+    assert rec["status"] == "FAIL"  # a known failure excuses accuracy checks, never an indicator
+    assert "indicators" not in report.make_record(*_fake_cell_result({"sparsity": "passed"}), {})
 
 
 @pytest.mark.parametrize("outcomes, skip, error, status, passed", [
@@ -374,6 +389,20 @@ def fmn_block(linf: list, l2: list, aa: float, fmn: float, worst: float, eps: fl
             "fmn_missed": 3, "fmn_only": 1}
 
 
+def _indicator(passed, value, threshold, message):
+    return {"passed": passed, "value": value, "threshold": threshold, "message": message}
+
+
+INDICATORS_OK = {
+    "gradients": _indicator(True, 0.0, 0.01, "0.0% of 90 correctly classified points have a zero input gradient"),
+    "black_box": _indicator(None, None, 0.01, "not run: the preset's attacks include no gradient-free attack (Square)"),
+}
+INDICATORS_FAILED = {
+    "gradients": _indicator(False, 0.5, 0.01, "50.0% of 80 correctly classified points have a zero input gradient"),
+    "black_box": _indicator(True, 0.0, 0.01, "Square breaks 0.0% of the points beyond the white-box attacks"),
+}
+
+
 def golden_doc() -> dict:
     doc = document(
         report.merge([], [
@@ -382,8 +411,9 @@ def golden_doc() -> dict:
             record("hydra", clean=0.7674, robust=0.4334, per_point={"clean": "1" * 40, "robust": "1" * 20 + "0" * 20},
                    fmn=fmn_block([0.0, 0.01, 0.04, 0.2], [0.0, 0.3, 0.9, 2.5], 0.44, 0.45, 0.4334),
                    params=1126942, flops=1110845440, latency_speedup=None,
-                   dense_params=11173962, dense_flops=1110845440, inference={"note": "unstructured"}),
-            record("hydra", sparsity=99, clean=0.7012, robust=0.3755, status="FAIL"),
+                   dense_params=11173962, dense_flops=1110845440, inference={"note": "unstructured"},
+                   indicators=INDICATORS_OK),
+            record("hydra", sparsity=99, clean=0.7012, robust=0.3755, status="FAIL", indicators=INDICATORS_FAILED),
             record("lwm", clean=0.7505, robust=0.4334, attack_warnings=["gradient masking suspected"],
                    per_point={"clean": "1" * 40, "robust": "1" * 18 + "0" * 22}),
             record("lwm", sparsity=99, evaluated=False, status="ERROR"),
