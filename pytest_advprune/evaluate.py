@@ -19,6 +19,7 @@ from torch import nn
 from .attacks import pgd_robust_flags, predict, run_autoattack
 from .errors import NonFiniteModel
 from .presets import Preset
+from .speed import prepare_for_eval
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -91,6 +92,10 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate ``model`` (eval mode, inputs ``x`` [N, C, H, W] in [0, 1]) with the preset's fixed attacks.
 
+    Batch sizes are the preset's ``eval_batch`` on every device (AutoAttack reseeds every batch, so
+    its random starts depend on the batching); on CUDA the attacks call the model prepared by
+    :func:`~pytest_advprune.speed.prepare_for_eval`, at the default fp32/TF32 precision.
+
     Raises :class:`NonFiniteModel` for NaN/inf weights or logits.
     """
     t0 = time.perf_counter()
@@ -100,6 +105,7 @@ def evaluate(
         probe = model(x[: min(len(x), preset.eval_batch)].to(device))
     if not torch.isfinite(probe).all():
         raise NonFiniteModel("model outputs NaN or inf logits on clean inputs; the pruned model is broken")
+    model = prepare_for_eval(model, device, probe=x[: preset.eval_batch])  # CUDA: channels_last, compiled; CPU: as is
     clean = predict(model, x, preset.eval_batch, device) == y
     attacks: dict[str, Accuracy] = {}
     log(f"PGD-{preset.pgd_steps} on {len(x)} points")
