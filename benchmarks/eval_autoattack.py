@@ -83,15 +83,15 @@ def _peak_mib(device: torch.device) -> float:
 
 def cpu_profile(model, x, y, eps, seed, top: int = 8) -> dict:
     """Self CPU time of the top ops while Square (the cascade's longest attack on the CPU) runs
-    1000 queries on ``x``: what bounds AutoAttack on the CPU."""
+    200 queries on ``x``: what bounds AutoAttack on the CPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    spec = AutoAttackSpec(version="custom", attacks=("square",), square_queries=1000)
+    spec = AutoAttackSpec(version="custom", attacks=("square",), square_queries=200)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run_autoattack(model, x, y, eps, spec, seed, len(x), torch.device("cpu"))
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
-    return {"what": f"Square, 1000 queries, {len(x)} points",
+    return {"what": f"Square, 200 queries, {len(x)} points",
             "top_ops": [{"op": e.key, "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1), "calls": e.count}
                         for e in events[:top]]}
 

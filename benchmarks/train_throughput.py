@@ -17,7 +17,7 @@ Each engine runs once untimed (warm-up: cuDNN autotuning, compilation; its secon
 then timed rounds alternate between the two engines and the fastest round gives images/s. On the CPU
 a ``torch.profiler`` summary of one step of our engine says what bounds it.
 
-    python benchmarks/train_throughput.py [--device auto|cpu|cuda] [--out DIR] [--smoke]
+    python benchmarks/train_throughput.py [--device auto|cpu|cuda] [--archs cnn,resnet18] [--out DIR] [--smoke]
 
 Writes ``<out>/train_throughput_<cpu|cuda>.json``; the last printed line is the headline ratio
 (images/s of ours over the reference's, on ResNet18 on a GPU, on the small CNN on a CPU).
@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default="reports/benchmarks")
     ap.add_argument("--smoke", action="store_true", help="seconds-long tiny run (the test suite's)")
+    ap.add_argument("--archs", default="cnn,resnet18", help="architectures to measure (CPU: cnn, resnet18)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     if args.smoke:
@@ -170,7 +171,8 @@ def main() -> None:
     elif device.type == "cuda":
         configs = [("resnet18", "cifar10", 128, 40, 10, 3), ("resnet18", "cifar10", 512, 20, 10, 3)]
     else:
-        configs = [("cnn", "fashion_mnist", 128, 4, 10, 3), ("resnet18", "cifar10", 16, 1, 10, 3)]
+        configs = [("cnn", "fashion_mnist", 128, 4, 10, 3), ("resnet18", "cifar10", 8, 1, 10, 2)]
+    configs = [c for c in configs if c[0] in args.archs.split(",")] or configs
     results, rows, ratios = [], [], {}
     for arch, dataset, batch, steps, attack_steps, repeats in configs:
         pair = measure(arch, dataset, batch, steps, attack_steps, repeats, device)
