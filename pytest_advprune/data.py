@@ -42,13 +42,21 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     debian_package: str | None
+    augment: str = "none"
 
 
+# Training augmentation (see :func:`augment_batch`): CIFAR-10 as in the survey methods' public code
+# (RandomCrop(32, padding=4) + RandomHorizontalFlip); SVHN crops only, since a mirrored digit is
+# another glyph; Fashion-MNIST none, as the quick preset was trained.
 DATASETS: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo("fashion_mnist", 1, 28, 10, (0.2860,), (0.3530,), "dataset-fashion-mnist"),
-    "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), None),
-    "svhn": DatasetInfo("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), None),
+    "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), None,
+                           "crop+flip"),
+    "svhn": DatasetInfo("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), None, "crop"),
 }
+
+AUGMENTATIONS = ("none", "crop", "crop+flip")
+CROP_PADDING = 4
 
 
 def candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
@@ -247,3 +255,41 @@ def load(
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x.float().div_(255.0), y
+
+
+# ---------------------------------------------------------------- augmentation on the device
+
+
+def draw_augmentation(kind: str, n: int, generator: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor | None:
+    """Random crop offsets and flips for ``n`` images, drawn on the CPU from ``generator`` (so the
+    draws are the same on every device): int64 ``[n, 3]`` of ``(row offset, column offset, flip)``,
+    offsets in ``[0, 2 * padding]``, flip in ``{0, 1}`` (always 0 for ``crop``). None for ``none``.
+
+    Raises ValueError for a kind outside :data:`AUGMENTATIONS`.
+    """
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r}; use one of {', '.join(AUGMENTATIONS)}")
+    if kind == "none":
+        return None
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+    flips = torch.randint(0, 2, (n, 1), generator=generator) if kind == "crop+flip" else torch.zeros(n, 1, dtype=torch.long)
+    return torch.cat([offsets, flips], dim=1)
+
+
+def augment_batch(x: torch.Tensor, params: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
+    """Random crop with zero padding then horizontal flip, as torchvision's ``RandomCrop(size,
+    padding)`` + ``RandomHorizontalFlip`` do per image, for a whole batch in one gather on ``x``'s device.
+
+    ``x`` ``[B, C, H, W]``; ``params`` ``[B, 3]`` rows from :func:`draw_augmentation`: image ``b`` is
+    the ``H x W`` window at ``(row, col)`` of ``x[b]`` zero-padded by ``padding`` on every side,
+    mirrored left-right when ``flip`` is 1. Returns a new ``[B, C, H, W]`` tensor.
+    """
+    b, c, h, w = x.shape
+    params = params.to(x.device)
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    rows = params[:, 0:1] + torch.arange(h, device=x.device)                       # [B, H]
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    cols = params[:, 1:2] + torch.where(params[:, 2:3].bool(), w - 1 - cols, cols)  # [B, W], mirrored if flipped
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]

@@ -21,6 +21,7 @@ from .attacks import pgd_robust_flags, predict, run_autoattack
 from .errors import NonFiniteModel
 from .fmn import FMNResult, robust_flags
 from .presets import Preset
+from .speed import prepare_for_eval
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -103,7 +104,13 @@ def evaluate(
 
     ``resume``: an evaluation of the same model and points under a prefix of the preset's
     AutoAttack cascade (same PGD); its PGD and cascade results are kept and only the remaining
-    attacks run. Raises :class:`NonFiniteModel` for NaN/inf weights or logits.
+    attacks run.
+
+    Batch sizes are the preset's ``eval_batch`` on every device (AutoAttack reseeds every batch, so
+    its random starts depend on the batching); on CUDA the attacks call the model prepared by
+    :func:`~pytest_advprune.speed.prepare_for_eval`, at the default fp32/TF32 precision.
+
+    Raises :class:`NonFiniteModel` for NaN/inf weights or logits.
     """
     t0 = time.perf_counter()
     check_finite(model)
@@ -112,6 +119,7 @@ def evaluate(
         probe = model(x[: min(len(x), preset.eval_batch)].to(device))
     if not torch.isfinite(probe).all():
         raise NonFiniteModel("model outputs NaN or inf logits on clean inputs; the pruned model is broken")
+    model = prepare_for_eval(model, device, probe=x[: preset.eval_batch])  # CUDA: channels_last, compiled; CPU: as is
     clean = predict(model, x, preset.eval_batch, device) == y
     attacks: dict[str, Accuracy] = {}
     pgd_name = f"PGD-{preset.pgd_steps}"

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import __version__, compact, data, models, registry, report
+from . import __version__, compact, data, models, registry, report, speed
 from .cache import Cache, digest
 from .errors import AdvPruneError, BadOption
 from .evaluate import Evaluation, check_finite, evaluate, with_fmn
@@ -148,7 +148,7 @@ class PruneContext:
         self.trained_epochs += spec.epochs
         return adversarial_train(
             model, self.x_train, self.y_train, spec, seed=self.seed + part, device=self.device, log=self.log,
-            desc=desc, **kwargs,
+            desc=desc, augment=data.DATASETS[self.preset.dataset].augment, **kwargs,
         )
 
     def budget(self) -> dict[str, float]:
@@ -183,10 +183,12 @@ class CellResult:
 
 
 def versions() -> dict[str, str]:
-    """Versions that affect results: python, torch, torchvision, pyautoattack, torch-pruning, secml-torch, this package."""
+    """Versions that affect results: python, torch, torchvision, pyautoattack, torch-pruning, secml-torch, this
+    package, and torch's CPU thread count (CPU float results depend on it)."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version(), "pytest-advprune": __version__, "torch": torch.__version__}
+    out = {"python": platform.python_version(), "pytest-advprune": __version__, "torch": torch.__version__,
+           "cpu threads": str(torch.get_num_threads())}
     for pkg in ("torchvision", "pyautoattack", "torch-pruning", "secml-torch"):
         try:
             out[pkg] = md.version(pkg)
@@ -236,6 +238,8 @@ class AdvPruneSession:
         self.preset = config.preset
         self.log = log
         self.device = config.torch_device()
+        speed.configure_threads()  # env ADVPRUNE_THREADS; by default torch's thread count stays
+        speed.FastPath.for_device(self.device)  # a bad ADVPRUNE_COMPILE is a usage error now, not per cell
         self.cache = Cache(config.cache_dir, log)
         self._results: dict[Cell, CellResult] = {}
         self._data: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -335,7 +339,8 @@ class AdvPruneSession:
             model = models.build(arch, p.dataset, p.seed)
             t0 = time.perf_counter()
             self.log(f"training the dense {arch} on {p.dataset} ({p.dense_train.label()}); cached afterwards")
-            adversarial_train(model, x, y, p.dense_train, seed=p.seed, device=self.device, log=self.log, desc=f"dense {arch}")
+            adversarial_train(model, x, y, p.dense_train, seed=p.seed, device=self.device, log=self.log, desc=f"dense {arch}",
+                              augment=data.DATASETS[p.dataset].augment)
             check_finite(model)
             return model.state_dict(), {"train_s": time.perf_counter() - t0, "device": str(self.device)}
 

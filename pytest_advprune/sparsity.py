@@ -169,12 +169,19 @@ class MaskEnforcer:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        # one multi-tensor multiply for all layers (few kernel launches on a GPU; the same
+        # elementwise products as one mul_ per tensor)
+        tensors, masks = [], []
         for w, mask in self.pairs:
-            w.mul_(mask)
+            tensors.append(w)
+            masks.append(mask)
             state = optimizer.state.get(w, {})
             for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
                 if key in state:
-                    state[key].mul_(mask)
+                    tensors.append(state[key])
+                    masks.append(mask)
+        if tensors:
+            torch._foreach_mul_(tensors, masks)
 
     def remove(self) -> None:
         self.handle.remove()
