@@ -18,6 +18,7 @@ import pytest
 import pytest_advprune.report  # noqa: F401
 import pytest_advprune.session  # noqa: F401
 from pytest_advprune import presets, registry, report
+from pytest_advprune.indicators import NAMES as INDICATORS
 from pytest_advprune.report import MergeError, Threshold, diff_markdown, merge_documents, parse_compare_fail, regressions
 
 registry.load_builtin()  # outside any in-process run, so the method modules stay in sys.modules
@@ -230,7 +231,7 @@ def test_merge_cli_writes_markdown_and_json_and_prints_the_diff(tmp_path):
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["x.json", "x.md"]
     merged = json.loads((out / "x.json").read_text())
     assert merged == {**merge_documents([json.loads(a.read_text()), json.loads(b.read_text())]),
-                      "updated": merged["updated"]}
+                      "updated": merged["updated"], "curves_dir": "x_curves"}  # no FMN records here: no figures
     assert (out / "x.md").read_text() == report.render_markdown(merged)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| lwm-")]
     assert len(rows) == 2 and all("| new " in r for r in rows), proc.stdout  # both cells are new to out/
@@ -323,7 +324,9 @@ def test_compare_fails_the_run_on_a_regression_and_prints_the_table(advprune, de
 
     result = advprune.inprocess("--advprune-method=dense", f"--advprune-compare={path}")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(passed=2, skipped=1)  # every check passed: the comparison alone fails the run
+    # every check passed (smoke runs no Square and the dense cell has no transfer source: 2 indicators skip, and the
+    # sparsity check does not apply): the comparison alone fails the run
+    result.assert_outcomes(passed=2 + len(INDICATORS) - 2, skipped=3)
     text = result.stdout.str()
     assert "1 regression(s) against --advprune-compare" in text
     (row,) = [line for line in result.outlines if line.startswith(f"| {DENSE}")]
