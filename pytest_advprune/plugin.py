@@ -226,8 +226,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
     class CellScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            param = nodeid[nodeid.rfind("[") + 1:-1] if nodeid.endswith("]") else None
-            return f"advprune-cell:{param}" if param in cells else super()._split_scope(nodeid)
+            param = nodeid[nodeid.rfind("[") + 1:-1] if nodeid.endswith("]") else ""
+            cell = param if param in cells else param.rpartition("-")[0]  # indicator tests: <cell id>-<indicator>
+            return f"advprune-cell:{cell}" if cell in cells else super()._split_scope(nodeid)
 
     return CellScheduling(config, log)
 
