@@ -1,8 +1,10 @@
 """Does a preset's AutoAttack subset match full AutoAttack standard? Measured side by side.
 
-Runs, on the same points and seed, the preset's attack subset and AutoAttack standard
-(APGD-CE, APGD-T 9 targets, FAB-T 9 targets, Square 5000 queries) on the preset's cached dense
-model and on one pruned cell, and prints the cumulative robust accuracy after every attack.
+Compares, on the same points and seed, the preset's attack subset and AutoAttack standard
+(APGD-CE, APGD-T 9 targets, FAB-T 9 targets, Square 5000 queries) on the preset's dense model
+and on pruned cells, and prints the cumulative robust accuracy after every attack. The subset's
+numbers are the suite's own evaluation of the cell (read from the cache, or built exactly as
+``pytest --advprune-method=...`` builds it), so what is validated is what the verdicts use.
 The last line is the headline: the largest gap (points) between subset and standard.
 
     python benchmarks/attack_subset.py [--preset quick] [--cell lwm-weights-90[,hydra-weights-90]] [--cache-dir DIR]
@@ -16,7 +18,6 @@ run's AutoAttack standard result (hours on a CPU) for a model whose sha256 match
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from tabulate import tabulate
 
 from pytest_advprune import presets, registry
 from pytest_advprune.attacks import AutoAttackSpec, run_autoattack
+from pytest_advprune.cache import weights_digest
 from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
 
 
@@ -42,37 +44,39 @@ def main() -> None:
     registry.load_builtin()
     preset = presets.get(args.preset)
     cells = [c.rsplit("-", 2) for c in args.cell.split(",")]
-    session = AdvPruneSession(RunConfig(preset, sorted({m for m, _, _ in cells}), device=args.device,
+    session = AdvPruneSession(RunConfig(preset, sorted({"dense"} | {m for m, _, _ in cells}), device=args.device,
                                         cache_dir=args.cache_dir), log=print)
     arch = preset.archs[0]
-    models = {f"dense {arch}": session.dense_model(arch)}
+    results = {f"dense {arch}": session.result(Cell("dense", preset.dataset, arch, "dense", 0))}
     for method, structure, sparsity in cells:
         cell = Cell(method, preset.dataset, arch, structure, int(sparsity))
-        res = session.result(cell, evaluated=False)
+        results[cell.id] = session.result(cell)
+    for name, res in results.items():
         if res.error:
-            raise SystemExit(f"could not build {cell.id}: {res.error}")
-        models[cell.id] = res.model
+            raise SystemExit(f"could not build {name}: {res.error}")
     earlier = json.loads(Path(args.standard_from).read_text())["models"] if args.standard_from else {}
     x, y = session._split(False)
     rows, record = [], {"preset": preset.name, "n_points": len(y), "eps": preset.eps, "device": str(session.device),
                         "versions": versions(), "models": {}}
-    for name, model in models.items():
-        sha = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
-        entry = {"state_sha256": sha}
-        for label, spec in (("subset", preset.autoattack), ("standard", AutoAttackSpec(version="standard"))):
-            previous = earlier.get(name, {})
-            if label == "standard" and previous.get("state_sha256") == sha and "standard" in previous:
-                entry[label] = {**previous[label], "reused": f"from {args.standard_from} (same weights sha256)"}
-            else:
-                t0 = time.perf_counter()
-                out = run_autoattack(model, x, y, preset.eps, spec, preset.seed, preset.eval_batch, session.device, log=print)
-                seconds = time.perf_counter() - t0
-                cumulative = {a: float(f.float().mean()) for a, f in out.flags_after.items()}
-                entry[label] = {"label": spec.label(), "cumulative": cumulative, "seconds": seconds, "warnings": out.warnings}
-            cumulative = entry[label]["cumulative"]
-            rows.append([name, label, *(f"{a} {100 * v:.1f}" for a, v in cumulative.items()),
+    for name, res in results.items():
+        sha = weights_digest(res.model)
+        aa = {k[3:]: v.acc for k, v in res.evaluation.attacks.items() if k.startswith("AA:")}
+        entry = {"state_sha256": sha, "subset": {
+            "label": preset.autoattack.label(), "cumulative": aa, "warnings": res.evaluation.warnings,
+            "seconds": res.evaluation.duration_s, "source": "the suite's evaluation of the cell (cache kind eval); "
+            "seconds: its AutoAttack and PGD time, summed over resumed runs"}}
+        previous = earlier.get(name, {})
+        if previous.get("state_sha256") == sha and "standard" in previous:
+            entry["standard"] = {**previous["standard"], "reused": f"from {args.standard_from} (same weights sha256)"}
+        else:
+            spec = AutoAttackSpec(version="standard")
+            t0 = time.perf_counter()
+            out = run_autoattack(res.model, x, y, preset.eps, spec, preset.seed, preset.eval_batch, session.device, log=print)
+            entry["standard"] = {"label": spec.label(), "cumulative": {a: float(f.float().mean()) for a, f in out.flags_after.items()},
+                                 "seconds": time.perf_counter() - t0, "warnings": out.warnings}
+        for label in ("subset", "standard"):
+            rows.append([name, label, *(f"{a} {100 * v:.1f}" for a, v in entry[label]["cumulative"].items()),
                          f"{entry[label]['seconds']:.0f} s" + (" (reused)" if "reused" in entry[label] else "")])
-            print(rows[-1], flush=True)
         entry["gap_points"] = 100 * (list(entry["subset"]["cumulative"].values())[-1]
                                      - list(entry["standard"]["cumulative"].values())[-1])
         record["models"][name] = entry

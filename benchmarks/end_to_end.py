@@ -34,6 +34,7 @@ import torch
 from tabulate import tabulate
 
 from pytest_advprune import presets, registry
+from pytest_advprune.cache import weights_digest
 from pytest_advprune.estimate import estimate
 from pytest_advprune.session import AdvPruneSession, RunConfig, versions
 
@@ -57,7 +58,7 @@ def cold_copy(source: Path, target: Path, preset, method: str, device: str) -> i
 
             model = models.build(cell.arch, preset.dataset, preset.seed)
             model.load_state_dict(hit[0], strict=True)
-            removed.append(("eval", session.eval_key(model)))
+            removed.append(("eval", session.eval_key(weights_digest(model))))
         removed.append(("pruned", key))
     count = 0
     for kind, key in removed:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         [f"{args.method} {preset.name} grid (warm dense cache)", f"{wall:.1f} s", f"{goal:.0f} s",
          f"{wall / goal:.2f}", ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))],
-        [f"estimator's projection of that grid", f"{projected.todo_h * 3600:.1f} s", "", "", "measured / projected "
+        ["estimator's projection of that grid", f"{projected.todo_h * 3600:.1f} s", "", "", "measured / projected "
          f"{wall / max(projected.todo_h * 3600, 1e-9):.2f}"],
         [f"cifar10 per cell ({args.method}, projected)", f"{cifar.per_cell_h():.2f} h", "", "",
          f"whole grid {cifar.total_h:.1f} device-hours"],

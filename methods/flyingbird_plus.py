@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from pytest_advprune.attacks import pgd
 from pytest_advprune.dst import DynamicSparsity
-from pytest_advprune.registry import Criterion, Locality, Method, Pipeline, Schedule, Taxonomy, register
+from pytest_advprune.methods.flyingbird import FlyingBird
+from pytest_advprune.registry import Method, register
 
 EPOCH_RANGE = 4  # repo --epoch_range: changes looked at
 UPDATE_THRESHOLD = 0.5  # repo --update_threshold
@@ -115,16 +116,7 @@ class GapMonitor:
 @register
 class FlyingBirdPlus(Method):
     name = "flyingbird_plus"
-    taxonomy = Taxonomy(
-        paper="Chen et al., ICLR 2022",
-        pipeline=Pipeline.DURING,
-        step1="-",
-        step2="AT (PGD)",
-        schedule=Schedule.NONE,
-        locality=Locality.GLOBAL,
-        criterion=Criterion.LWM,
-        repository="VITA-Group/Sparsity-Win-Robust-Generalization",
-    )
+    taxonomy = FlyingBird.taxonomy  # the same paper's variant: only the capacity rule is new
     structures = ("weights",)
 
     def prune(self, ctx):

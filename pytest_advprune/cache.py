@@ -32,6 +32,12 @@ def digest(description: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 (hex, 64 chars) of ``model``'s state_dict tensor bytes, in state_dict order: the
+    identity of a model's weights in cache keys and benchmark records."""
+    return hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+
+
 class Cache:
     """Artefacts under ``root``; ``log`` receives one line per rebuilt corrupt entry."""
 

@@ -21,7 +21,6 @@ import importlib.util
 import pickle
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import torch

@@ -21,7 +21,6 @@ so read the result as a projection within a factor of about two, not a promise.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +29,9 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from . import models
+from .cache import weights_digest
 from .data import DATASETS
+from .indicators import DEFAULT as INDICATORS, IndicatorSettings
 from .registry import Pipeline, get as get_method
 from .training import TrainSpec
 
@@ -47,7 +48,10 @@ def train_passes(spec: TrainSpec, n_train: int) -> float:
 
 def eval_passes(preset, clean_frac: float, robust_frac: float) -> float:
     """Passes of one cell's evaluation on the preset's ``n_eval`` points; ``clean_frac`` and
-    ``robust_frac`` (fractions in [0, 1]) are the shares of points the first and the later attacks see."""
+    ``robust_frac`` (fractions in [0, 1]) are the shares of points the first and the later attacks see.
+
+    Counts the AutoAttack cascade and PGD, FMN (each norm's attack on the correct points, plus its
+    tuning grid) and the attack-failure indicators (:func:`indicator_passes`)."""
     aa = preset.autoattack
     if aa.version == "standard":
         attacks, iters, targets, queries = _STANDARD["attacks"], _STANDARD["iters"], _STANDARD["targets"], _STANDARD["queries"]
@@ -57,7 +61,19 @@ def eval_passes(preset, clean_frac: float, robust_frac: float) -> float:
     per_point = 1 / 3 + preset.pgd_steps
     for i, name in enumerate(attacks):
         per_point += (clean_frac if i == 0 else robust_frac) * cost.get(name, iters)
-    return preset.n_eval * per_point
+    total = preset.n_eval * per_point
+    if preset.fmn is not None:
+        total += len(preset.fmn.norms) * clean_frac * preset.n_eval * preset.fmn.steps + preset.fmn.tuning_cost()
+    return total + indicator_passes(preset.n_eval)
+
+
+def indicator_passes(n_eval: int, settings: IndicatorSettings = INDICATORS) -> float:
+    """Passes of the attack-failure indicators on the first ``min(n_eval, settings.n_points)`` points:
+    repeated and single forwards (a third of a pass each), one gradient, the PGD loss trace, the
+    unbounded attack, PGD at every eps of the grid and the transfer attack on the dense model."""
+    forwards = (settings.repeats + 2) / 3
+    attacks = 1 + settings.steps * (2 + len(settings.eps_factors)) + settings.unbounded_steps
+    return min(n_eval, settings.n_points) * (forwards + attacks)
 
 
 def seconds_per_pass(arch: str, dataset: str, batch_size: int, device: torch.device, budget_s: float = 1.0) -> float:
@@ -167,7 +183,7 @@ def _eval_cached(session, cell) -> bool:
         return False
     model = models.build(cell.arch, session.preset.dataset, session.preset.seed)
     model.load_state_dict(hit[0], strict=True)
-    return session.cache.has("eval", session.eval_key(model))
+    return session.cache.has("eval", session.eval_key(weights_digest(model)))
 
 
 def estimate(session, budget_s: float = 1.0, batch: int | None = None) -> Estimate:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import __version__, compact, data, models, registry, report, speed
-from .cache import Cache, digest
+from .cache import Cache, digest, weights_digest
 from .errors import AdvPruneError, BadOption
 from .evaluate import Evaluation, check_finite, evaluate, with_fmn
 from .fmn import FMNResult, run_fmn
@@ -310,11 +310,21 @@ class AdvPruneSession:
             "preset": self.preset.fingerprint("dataset", "n_train", "eps", "seed", "dense_train", "prune_train", "finetune"),
         })
 
-    def eval_key(self, model: nn.Module, preset: Preset | None = None) -> str:
-        """Cache key of ``model``'s evaluation (kind ``eval``): its weights and the attack protocol
-        (of ``preset``, default the run's)."""
-        weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values()))
-        return digest({"kind": "eval", "model": weights.hexdigest(),
+    def model_identity(self, model: nn.Module, arch: str) -> str:
+        """What identifies an evaluated model in cache keys: its :func:`weights_digest`, plus, for a
+        user architecture (``path/to/file.py:Class``), the class name and the sha256 of that file,
+        since the forward code is not in the weights. Built-in architectures' code is versioned by
+        :data:`~pytest_advprune.cache.ENGINE_VERSION`, so their identity is the weights alone."""
+        weights = weights_digest(model)
+        if arch in models.ARCHITECTURES:
+            return weights
+        file, _, name = arch.rpartition(":")
+        return f"{weights}:{name}:{hashlib.sha256(Path(file).read_bytes()).hexdigest()}"
+
+    def eval_key(self, weights: str, preset: Preset | None = None) -> str:
+        """Cache key of an evaluation (kind ``eval``): the model's :meth:`model_identity` and the
+        attack protocol (of ``preset``, default the run's)."""
+        return digest({"kind": "eval", "model": weights,
                        "protocol": (preset or self.preset).fingerprint("dataset", "n_eval", "eps", "seed", "autoattack",
                                                                         "pgd_steps")})
 
@@ -423,21 +433,21 @@ class AdvPruneSession:
     def _build_evaluation(self, res: CellResult) -> None:
         x, y = self._split(False)
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
+        weights = self.model_identity(res.model, res.cell.arch)
 
         def build():
             # A cached evaluation under a prefix of the cascade (e.g. before the preset gained Square) is resumed.
             prefixes = (dataclasses.replace(self.preset, autoattack=a) for a in self.preset.autoattack.prefixes())
-            earlier = next(filter(None, (self.cache.load_json("eval", self.eval_key(res.model, p)) for p in prefixes)), None)
+            earlier = next(filter(None, (self.cache.load_json("eval", self.eval_key(weights, p)) for p in prefixes)), None)
             resume = Evaluation.from_dict(earlier) if earlier else None
             return evaluate(res.model, x, y, self.preset, self.device, log, resume=resume).to_dict()
 
-        key = self.eval_key(res.model)
+        key = self.eval_key(weights)
         payload, _ = self.cache.json("eval", key, build)
         res.evaluation = Evaluation.from_dict(payload)
         res.duration_s += res.evaluation.duration_s
         if self.preset.fmn is not None:
-            weights = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in res.model.state_dict().values()))
-            result = self._fmn(res.model, weights.hexdigest(), log)
+            result = self._fmn(res.model, weights, log)
             res.evaluation = with_fmn(res.evaluation, result, self.preset.eps)
             res.duration_s += result.seconds
 
@@ -445,7 +455,8 @@ class AdvPruneSession:
 
     def _fmn(self, model: nn.Module, weights: str, log: Callable[[str], None]) -> FMNResult:
         """FMN distances of ``model`` on the evaluated points, cached in their own kind (``fmn``) by
-        the model's weights and the preset's FMN spec, so the AutoAttack evaluations stay valid."""
+        the model's :meth:`model_identity` and the preset's FMN spec, so the AutoAttack evaluations
+        stay valid."""
         p = self.preset
         key = digest({"kind": "fmn", "model": weights, "data": p.fingerprint("dataset", "n_eval", "seed"),
                       "fmn": dataclasses.asdict(p.fmn)})
@@ -481,8 +492,7 @@ class AdvPruneSession:
         x, y = self._split(False)
         arch = res.cell.arch if self.config.checkpoint is None else self.preset.archs[0]
         source = None if res.cell.structure == "dense" else self._cached_dense(arch)
-        source_key = None if source is None else \
-            hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in source.state_dict().values())).hexdigest()[:24]
+        source_key = None if source is None else weights_digest(source)[:24]
         key = digest({"kind": "indicators", "eval": res.eval_key, "source": source_key,
                       "settings": indicators.DEFAULT.fingerprint(), "code": _source_digest(indicators.compute)})
         log = lambda s: self.log(f"[{res.cell.id}] {s}")

@@ -25,6 +25,7 @@ import pytest_advprune.session  # noqa: F401
 from pytest_advprune import checkpoint as ckpt
 from pytest_advprune import models, presets, registry
 from pytest_advprune.attacks import AutoAttackSpec
+from pytest_advprune.cache import weights_digest
 from pytest_advprune.checkpoint import CheckpointError
 from pytest_advprune.data import DATASETS
 from pytest_advprune.errors import NonFiniteModel
@@ -514,6 +515,23 @@ def test_user_architecture_spec_errors(tmp_path, user_arch):
         load_checkpoint_model(spec(path, arch=f"{file}:Missing"))
     with pytest.raises(CheckpointError, match="path/to/file.py:ClassName"):
         load_checkpoint_model(spec(path, arch=f"{tmp_path / 'absent.py'}:TupleNet"))
+
+
+def test_model_identity_tells_user_architectures_apart_by_their_code(tmp_path, user_arch):
+    arch, _, path = user_arch
+    file = Path(arch.rpartition(":")[0])
+    session = AdvPruneSession(RunConfig(presets.SMOKE, [], cache_dir=str(tmp_path / "cache"), device="cpu"))
+    model = load_checkpoint_model(spec(path, arch=arch))
+    identity = session.model_identity(model, arch)
+    renamed = file.with_name("renamed.py")
+    renamed.write_text(file.read_text())
+    assert session.model_identity(model, f"{renamed}:TupleNet") == identity, "moving the file keeps the key"
+    assert session.model_identity(model, f"{file}:Other") != identity, "same weights, another class"
+    file.write_text(file.read_text() + "\n# edited forward\n")
+    assert session.model_identity(model, arch) != identity, "same weights, edited code"
+    assert session.eval_key(identity) != session.eval_key(session.model_identity(model, arch))
+    built_in = cnn()
+    assert session.model_identity(built_in, "cnn") == weights_digest(built_in)
 
 
 # ================================================================== end to end: --advprune-checkpoint

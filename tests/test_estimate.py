@@ -10,7 +10,7 @@ import torch
 import pytest_advprune.report  # noqa: F401  (imported before any pytester snapshot of sys.modules)
 import pytest_advprune.session  # noqa: F401
 from pytest_advprune import presets, registry
-from pytest_advprune.estimate import TRAIN_SIZES, eval_passes, estimate, seconds_per_pass, train_passes
+from pytest_advprune.estimate import TRAIN_SIZES, eval_passes, estimate, indicator_passes, seconds_per_pass, train_passes
 from pytest_advprune.session import AdvPruneSession, RunConfig
 
 registry.load_builtin()
@@ -27,12 +27,19 @@ def test_train_passes_count_the_attack_steps_and_the_training_step():
 
 def test_eval_passes_follow_the_cascade():
     # quick: clean forward, PGD-20 on all points, APGD-CE on the correct ones, then on the robust ones APGD-T
-    # (3 targets) and Square (1000 queries, forwards: a third of a pass each)
-    assert eval_passes(presets.QUICK, 0.8, 0.5) == pytest.approx(1000 * (1 / 3 + 20 + 0.8 * 100 + 0.5 * (300 + 1000 / 3)))
+    # (3 targets) and Square (5000 queries, forwards: a third of a pass each); FMN Linf and L2 (100 steps)
+    # on the correct points plus their tuning grids; the indicators on their 200 points
+    fmn = presets.QUICK.fmn
+    indicators = 200 * ((3 + 2) / 3 + 1 + 10 * (2 + 4) + 20)
+    assert indicator_passes(1000) == pytest.approx(indicators) and indicator_passes(50) == pytest.approx(indicators / 4)
+    assert eval_passes(presets.QUICK, 0.8, 0.5) == pytest.approx(
+        1000 * (1 / 3 + 20 + 0.8 * 100 + 0.5 * (300 + 5000 / 3)) + 2 * 0.8 * 1000 * 100 + fmn.tuning_cost() + indicators)
     # standard: APGD-T and FAB-T with 9 targets, Square's 5000 queries are forwards (a third of a pass)
     cifar = presets.PRESETS["cifar10"]
     expected = 10000 * (1 / 3 + 20 + 1.0 * 100 + 0.5 * (900 + 900 + 5000 / 3))
-    assert eval_passes(cifar, 1.0, 0.5) == pytest.approx(expected)
+    if cifar.fmn is not None:
+        expected += len(cifar.fmn.norms) * 10000 * cifar.fmn.steps + cifar.fmn.tuning_cost()
+    assert eval_passes(cifar, 1.0, 0.5) == pytest.approx(expected + indicators)
 
 
 def test_seconds_per_pass_is_measured():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing
 import re
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import given
