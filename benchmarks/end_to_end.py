@@ -1,14 +1,15 @@
 """End to end: one method's whole grid with a warm dense-model cache, timed against the goal.
 
-Copies the warm cache (default ``~/.cache/pytest-advprune``, only read) to a temporary folder,
-removes that method's pruned-model and evaluation entries from the copy, and times
+Copies the dense models of the warm cache (default ``~/.cache/pytest-advprune``, only read) to a
+temporary folder, nothing else (no pruned model, evaluation, FMN or indicator entry), and times
 
     pytest --advprune-method=<method> --advprune-preset=quick --advprune-cache-dir=<copy>
 
 in a subprocess: a real run of a method nobody has run yet, on a dense model already trained.
 Goal: at most 600 s on a 2-core CPU, at most 60 s on an H100-class GPU. Beside it, the
 estimator's projection of the same grid (calibration) and its projected per-cell cost of the
-``cifar10`` preset on this device. If the copy holds no dense model for the preset, an untimed
+``cifar10`` preset on this device, and a per-cell split of the time (prune + fine-tune, AutoAttack +
+PGD, FMN) from the run's report. If the copy holds no dense model for the preset, an untimed
 ``--advprune-method=dense`` run trains it first. The copy is deleted afterwards.
 
     python benchmarks/end_to_end.py [--method hydra] [--cache DIR] [--device auto|cpu|cuda] [--out DIR] [--smoke]
@@ -34,38 +35,36 @@ import torch
 from tabulate import tabulate
 
 from pytest_advprune import presets, registry
-from pytest_advprune.cache import weights_digest
 from pytest_advprune.estimate import estimate
 from pytest_advprune.session import AdvPruneSession, RunConfig, versions
 
 GOAL_S = {"cpu": 600.0, "cuda": 60.0}
 
 
-def cold_copy(source: Path, target: Path, preset, method: str, device: str) -> int:
-    """Copy the cache ``source`` to ``target`` (lock and temporary files left out), then delete from
-    the copy the pruned models and evaluations of ``method``'s cells; returns how many entries went.
-    ``source`` is only read."""
-    if source.is_dir():
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.lock", "*.tmp"))
+def cold_copy(source: Path, target: Path) -> dict[str, int]:
+    """Copy only the dense models (kind ``dense``) of the cache ``source`` to ``target``: the timed
+    run then prunes, evaluates, runs FMN and the indicators from scratch, as for a method nobody
+    has run yet. Returns ``{"dense": entries copied}``; ``source`` is only read."""
+    dense = source / "dense"
+    if dense.is_dir():
+        shutil.copytree(dense, target / "dense", ignore=shutil.ignore_patterns("*.lock", "*.tmp"))
     target.mkdir(parents=True, exist_ok=True)
-    session = AdvPruneSession(RunConfig(preset, [method], device=device, cache_dir=str(target)))
-    removed = []
-    for cell in session.cells():
-        key = session.pruned_key(cell)
-        hit = session.cache.load_state("pruned", key)
-        if hit is not None:
-            from pytest_advprune import models
+    return {"dense": len(list((target / "dense").glob("*.json")))}
 
-            model = models.build(cell.arch, preset.dataset, preset.seed)
-            model.load_state_dict(hit[0], strict=True)
-            removed.append(("eval", session.eval_key(weights_digest(model))))
-        removed.append(("pruned", key))
-    count = 0
-    for kind, key in removed:
-        for path in (target / kind).glob(f"{key}.*"):
-            path.unlink()
-            count += path.suffix == ".json"
-    return count
+
+def phases(records: list[dict]) -> list[dict]:
+    """Per evaluated cell: seconds of prune + fine-tune, of AutoAttack + PGD and of FMN, from the
+    report records (``duration_s`` is their sum; the indicators and the latency measurement are not
+    in it)."""
+    out = []
+    for r in records:
+        if r.get("eval_s") is None:
+            continue
+        fmn = (r.get("fmn") or {}).get("seconds", {}).get("fmn", 0.0)
+        out.append({"cell": f"{r['structure']}-{round(100 * r['target_sparsity'])}", "status": r["status"],
+                    "prune_s": round(r["duration_s"] - r["eval_s"] - fmn, 1), "autoattack_pgd_s": r["eval_s"],
+                    "fmn_s": fmn})
+    return out
 
 
 def run_pytest(workdir: Path, cache: Path, preset: str, method: str, device: str, extra: list[str]) -> tuple[int, float, str]:
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="advprune-e2e-"))
     try:
         cache = work / "cache"
-        removed = cold_copy(args.cache, cache, preset, args.method, kind)
+        warm = cold_copy(args.cache, cache)
         warm_s = None
         probe = AdvPruneSession(RunConfig(preset, ["dense"], device=kind, cache_dir=str(cache)))
         if not all(probe.cache.has("dense", probe.dense_key(a)) for a in preset.archs):
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "end_to_end", "method": args.method, "preset": preset.name, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if kind == "cuda" else "cpu",
         "wall_s": round(wall, 2), "goal_s": goal, "ratio_to_goal": round(wall / goal, 3), "pytest_exit": rc,
-        "cells": statuses, "cold_entries_removed": removed, "dense_warmup_s": warm_s and round(warm_s, 2),
+        "cells": statuses, "warm_entries": warm, "phases": phases(records), "dense_warmup_s": warm_s and round(warm_s, 2),
         "projected_s": round(projected.todo_h * 3600, 1),
         "cifar10_projected_per_cell_h": round(cifar.per_cell_h(), 4), "cifar10_projected_grid_h": round(cifar.total_h, 2),
         "peak_child_rss_mb": round(peak_mb, 1), "versions": versions(), "torch_threads": torch.get_num_threads(),
@@ -148,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
          f"whole grid {cifar.total_h:.1f} device-hours"],
     ]
     print(tabulate(rows, ["run", "time", "goal", "time / goal", "note"], tablefmt="github", disable_numparse=True))
+    cells = result["phases"]
+    if cells:
+        print(tabulate([[c["cell"], c["status"], c["prune_s"], c["autoattack_pgd_s"], c["fmn_s"]] for c in cells],
+                       ["cell", "status", "prune + fine-tune s", "AutoAttack + PGD s", "FMN s"], tablefmt="github"))
+        rest = wall - sum(c["prune_s"] + c["autoattack_pgd_s"] + c["fmn_s"] for c in cells)
+        print(f"the rest of the wall time (start-up, indicators, latency, report): {rest:.1f} s")
     print(f"end_to_end: {args.method} {preset.name} grid in {wall:.1f} s on {device} vs goal {goal:.0f} s: "
           f"{wall / goal:.2f}x the goal ({'met' if wall <= goal else 'missed'})")
     return 0

@@ -28,7 +28,8 @@ def test_end_to_end_smoke_times_a_cold_method_and_leaves_the_warm_cache_alone(de
     assert _snapshot(dense_cache) == before  # the warm cache was only read
     result = json.loads((tmp_path / "end_to_end_cpu.json").read_text())
     assert result["preset"] == "smoke" and result["method"] == "dense" and result["goal_s"] == 600
-    assert result["cold_entries_removed"] == 2  # the dense cell's pruned entry and its evaluation: a real cold run
+    assert result["warm_entries"] == {"dense": 1}  # only the dense model travels: everything else is built again
+    assert [c["cell"] for c in result["phases"]] == ["dense-0"] and result["phases"][0]["autoattack_pgd_s"] > 0
     assert result["cells"] == {"PASS": 1} and result["dense_warmup_s"] is None
     assert result["cifar10_projected_per_cell_h"] > 0 and result["versions"]["torch"]
     last = proc.stdout.strip().splitlines()[-1]
