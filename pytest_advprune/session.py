@@ -298,16 +298,26 @@ class AdvPruneSession:
 
     # ---------------------------------------------------------------- cache keys
 
+    def _augmentation(self) -> dict[str, str]:
+        """The training augmentation's part of a key: none for datasets trained without one (so
+        their keys predate augmentation), else its kind."""
+        kind = data.DATASETS[self.preset.dataset].augment
+        return {} if kind == "none" else {"augment": kind}
+
     def dense_key(self, arch: str) -> str:
-        """Cache key of the preset's dense model for ``arch`` (kind ``dense``)."""
+        """Cache key of the preset's dense model for ``arch`` (kind ``dense``): the preset's data and
+        dense training, the architecture and the training augmentation."""
         p = self.preset
-        return digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch})
+        return digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch,
+                       **self._augmentation()})
 
     def pruned_key(self, cell: Cell) -> str:
-        """Cache key of ``cell``'s pruned model (kind ``pruned``): cell, method source, training budgets."""
+        """Cache key of ``cell``'s pruned model (kind ``pruned``): cell, method source, training
+        budgets and augmentation."""
         return digest({
             "kind": "pruned", "cell": cell.id, "method_source": _source_digest(registry.get(cell.method)),
             "preset": self.preset.fingerprint("dataset", "n_train", "eps", "seed", "dense_train", "prune_train", "finetune"),
+            **self._augmentation(),
         })
 
     def model_identity(self, model: nn.Module, arch: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -359,3 +360,16 @@ def monkeypatch_module():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
+
+
+def test_training_augmentation_enters_the_model_keys(tmp_path, monkeypatch):
+    from pytest_advprune import data, presets, registry
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
+
+    registry.load_builtin()
+    session = AdvPruneSession(RunConfig(presets.get("cifar10"), ["lwm"], cache_dir=str(tmp_path), device="cpu"))
+    cell = Cell("lwm", "cifar10", "resnet18", "weights", 90)
+    keys = (session.dense_key("resnet18"), session.pruned_key(cell))
+    assert data.DATASETS["cifar10"].augment != "none"
+    monkeypatch.setitem(data.DATASETS, "cifar10", dataclasses.replace(data.DATASETS["cifar10"], augment="none"))
+    assert session.dense_key("resnet18") != keys[0] and session.pruned_key(cell) != keys[1]
