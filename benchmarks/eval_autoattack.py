@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import tempfile
 import time
@@ -40,7 +39,7 @@ from tabulate import tabulate
 from pytest_advprune import models, presets, registry
 from pytest_advprune.attacks import AutoAttackSpec, run_autoattack
 from pytest_advprune.session import AdvPruneSession, RunConfig, versions
-from pytest_advprune.speed import FastPath, prepare_for_eval
+from pytest_advprune.speed import FastPath, peak_memory_mib, prepare_for_eval, synchronize
 
 
 def reference(model, x, y, eps, seed, batch_size, device) -> tuple[torch.Tensor, float, float]:
@@ -49,11 +48,11 @@ def reference(model, x, y, eps, seed, batch_size, device) -> tuple[torch.Tensor,
     from pyautoattack import AutoAttack
 
     model = model.to(device).eval()
-    _sync(device)
+    synchronize(device)
     t0, c0 = time.perf_counter(), time.process_time()
     aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
     _, y_adv = aa.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)
-    _sync(device)
+    synchronize(device)
     return (y_adv.cpu() == y), time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -61,26 +60,15 @@ def ours(model, x, y, eps, seed, batch_size, device) -> tuple[torch.Tensor, floa
     """Our evaluation path; returns per-point robustness, wall and CPU seconds (preparation
     included) and the wall seconds spent in each attack of the cascade."""
     starts: list[tuple[str, float]] = []
-    _sync(device)
+    synchronize(device)
     t0, c0 = time.perf_counter(), time.process_time()
     fast_model = prepare_for_eval(model, device, probe=x[:batch_size])
     out = run_autoattack(fast_model, x, y, eps, AutoAttackSpec(version="standard"), seed, batch_size, device,
                          log=lambda s: starts.append((s.split()[0], time.perf_counter())))
-    _sync(device)
+    synchronize(device)
     end, cpu_s = time.perf_counter(), time.process_time() - c0
     per_attack = {name: (starts[i + 1][1] if i + 1 < len(starts) else end) - t for i, (name, t) in enumerate(starts)}
     return out.flags_after["square"], end - t0, cpu_s, per_attack
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_profile(model, x, y, eps, seed, top: int = 8) -> dict:
@@ -150,12 +138,12 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ref_flags, ref_s, ref_cpu = reference(model, x, y, eps, seed, bs, device)
-    ref_peak = _peak_mib(device)
+    ref_peak = peak_memory_mib(device)
     print(f"reference: robust {100 * ref_flags.float().mean():.2f}% in {ref_s:.1f} s", flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     our_flags, our_s, our_cpu, per_attack = ours(model, x, y, eps, seed, bs, device)
-    our_peak = _peak_mib(device)
+    our_peak = peak_memory_mib(device)
     print(f"ours: robust {100 * our_flags.float().mean():.2f}% in {our_s:.1f} s", flush=True)
 
     ref_acc, our_acc = 100 * float(ref_flags.float().mean()), 100 * float(our_flags.float().mean())

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pytest_advprune import data, models
 from pytest_advprune.session import versions
-from pytest_advprune.speed import FastPath
+from pytest_advprune.speed import FastPath, peak_memory_mib, synchronize
 from pytest_advprune.training import TrainSpec, adversarial_train
 
 EPS = 8 / 255
@@ -88,17 +87,6 @@ def ours_train(model, x, y, spec: TrainSpec, device: torch.device, steps: int, a
     return losses[-1]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark (Linux: KiB)
-
-
 def measure(arch: str, dataset: str, batch: int, steps: int, attack_steps: int, repeats: int,
             device: torch.device) -> dict[str, dict]:
     """Both engines on fresh weights of ``arch``: one untimed warm-up run each, then ``repeats``
@@ -118,7 +106,7 @@ def measure(arch: str, dataset: str, batch: int, steps: int, attack_steps: int, 
     for engine, run in runs.items():
         t0 = time.perf_counter()
         run(models.build(arch, dataset, 0), min(2, steps))
-        _sync(device)
+        synchronize(device)
         out[engine] = {"engine": engine, "arch": arch, "data": f"{dataset}-shaped {info.channels}x{info.size}x{info.size}",
                        "batch": batch, "steps": steps, "attack_steps": attack_steps, "warmup_s": time.perf_counter() - t0,
                        "rounds_s": [], "peak_mib": 0.0}
@@ -129,10 +117,10 @@ def measure(arch: str, dataset: str, batch: int, steps: int, attack_steps: int, 
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             loss = run(model, steps)
-            _sync(device)
+            synchronize(device)
             r = out[engine]
             r["rounds_s"].append(time.perf_counter() - t0)
-            r["peak_mib"] = max(r["peak_mib"], _peak_mib(device))
+            r["peak_mib"] = max(r["peak_mib"], peak_memory_mib(device))
             r["last_loss"] = loss if math.isfinite(loss) else None
     for r in out.values():
         r["seconds"] = min(r["rounds_s"])

@@ -33,6 +33,7 @@ from .cache import weights_digest
 from .data import DATASETS
 from .indicators import DEFAULT as INDICATORS, IndicatorSettings
 from .registry import Pipeline, get as get_method
+from .speed import synchronize
 from .training import TrainSpec
 
 #: Training-split sizes (``n_train=None`` in a preset means all of them).
@@ -88,17 +89,13 @@ def seconds_per_pass(arch: str, dataset: str, batch_size: int, device: torch.dev
     def step():
         F.cross_entropy(model(x), y).backward()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     step()
-    sync()
+    synchronize(device)
     n, t0 = 0, time.perf_counter()
     while n < 2 or time.perf_counter() - t0 < budget_s:
         step()
         n += 1
-        sync()
+        synchronize(device)
     return (time.perf_counter() - t0) / (n * batch_size)
 
 

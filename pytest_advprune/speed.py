@@ -174,3 +174,19 @@ def configure_threads(environ: dict[str, str] | None = None) -> int:
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return threads
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA), so wall-clock timings measure it; no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA's ``max_memory_allocated`` on ``device`` (since its last reset), on
+    CPU the process's peak resident set size so far (Linux ``ru_maxrss``, KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
