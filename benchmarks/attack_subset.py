@@ -75,12 +75,12 @@ def main() -> None:
             entry["standard"] = {"label": spec.label(), "cumulative": {a: float(f.float().mean()) for a, f in out.flags_after.items()},
                                  "seconds": time.perf_counter() - t0, "warnings": out.warnings}
         for label in ("subset", "standard"):
-            rows.append([name, label, *(f"{a} {100 * v:.1f}" for a, v in entry[label]["cumulative"].items()),
+            rows.append([name, label, ", ".join(f"{a} {100 * v:.1f}" for a, v in entry[label]["cumulative"].items()),
                          f"{entry[label]['seconds']:.0f} s" + (" (reused)" if "reused" in entry[label] else "")])
         entry["gap_points"] = 100 * (list(entry["subset"]["cumulative"].values())[-1]
                                      - list(entry["standard"]["cumulative"].values())[-1])
         record["models"][name] = entry
-    print(tabulate(rows, headers=["model", "attacks", "cumulative robust accuracy (%) after each attack"], tablefmt="github"))
+    print(tabulate(rows, headers=["model", "attacks", "cumulative robust accuracy (%) after each attack", "time"], tablefmt="github"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"attack_subset_{preset.name}.json").write_text(json.dumps(record, indent=2))
