@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from . import models
-from .cache import weights_digest
 from .data import DATASETS
 from .indicators import DEFAULT as INDICATORS, IndicatorSettings
 from .registry import Pipeline, get as get_method
@@ -180,7 +179,7 @@ def _eval_cached(session, cell) -> bool:
         return False
     model = models.build(cell.arch, session.preset.dataset, session.preset.seed)
     model.load_state_dict(hit[0], strict=True)
-    return session.cache.has("eval", session.eval_key(weights_digest(model)))
+    return session.cache.has("eval", session.eval_key(session.model_identity(model, cell.arch)))
 
 
 def estimate(session, budget_s: float = 1.0, batch: int | None = None) -> Estimate:
