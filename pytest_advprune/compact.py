@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import AdvPruneError
 from .sparsity import prunable_layers, structured_layers
+from .speed import synchronize
 
 Shape = tuple[int, ...]
 
@@ -336,14 +337,13 @@ def measure_latency(models: dict[str, nn.Module], input_shape: Shape, batch: int
     device = torch.device(device)
     x = torch.rand((batch, *input_shape), generator=torch.Generator().manual_seed(seed)).to(device)
     ms = {k: m.to(device).eval() for k, m in models.items()}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in ms}
     for i in range(warmup + repeats):
         for k, m in ms.items():
-            sync()
+            synchronize(device)
             t0 = time.perf_counter()
             m(x)
-            sync()
+            synchronize(device)
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}

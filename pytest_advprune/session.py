@@ -331,10 +331,10 @@ class AdvPruneSession:
         file, _, name = arch.rpartition(":")
         return f"{weights}:{name}:{hashlib.sha256(Path(file).read_bytes()).hexdigest()}"
 
-    def eval_key(self, weights: str, preset: Preset | None = None) -> str:
+    def eval_key(self, identity: str, preset: Preset | None = None) -> str:
         """Cache key of an evaluation (kind ``eval``): the model's :meth:`model_identity` and the
         attack protocol (of ``preset``, default the run's)."""
-        return digest({"kind": "eval", "model": weights,
+        return digest({"kind": "eval", "model": identity,
                        "protocol": (preset or self.preset).fingerprint("dataset", "n_eval", "eps", "seed", "autoattack",
                                                                         "pgd_steps")})
 
@@ -443,32 +443,32 @@ class AdvPruneSession:
     def _build_evaluation(self, res: CellResult) -> None:
         x, y = self._split(False)
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
-        weights = self.model_identity(res.model, res.cell.arch)
+        identity = self.model_identity(res.model, res.cell.arch)
 
         def build():
             # A cached evaluation under a prefix of the cascade (e.g. before the preset gained Square) is resumed.
             prefixes = (dataclasses.replace(self.preset, autoattack=a) for a in self.preset.autoattack.prefixes())
-            earlier = next(filter(None, (self.cache.load_json("eval", self.eval_key(weights, p)) for p in prefixes)), None)
+            earlier = next(filter(None, (self.cache.load_json("eval", self.eval_key(identity, p)) for p in prefixes)), None)
             resume = Evaluation.from_dict(earlier) if earlier else None
             return evaluate(res.model, x, y, self.preset, self.device, log, resume=resume).to_dict()
 
-        key = self.eval_key(weights)
+        key = self.eval_key(identity)
         payload, _ = self.cache.json("eval", key, build)
         res.evaluation = Evaluation.from_dict(payload)
         res.duration_s += res.evaluation.duration_s
         if self.preset.fmn is not None:
-            result = self._fmn(res.model, weights, log)
+            result = self._fmn(res.model, identity, log)
             res.evaluation = with_fmn(res.evaluation, result, self.preset.eps)
             res.duration_s += result.seconds
 
         res.eval_key = key
 
-    def _fmn(self, model: nn.Module, weights: str, log: Callable[[str], None]) -> FMNResult:
+    def _fmn(self, model: nn.Module, identity: str, log: Callable[[str], None]) -> FMNResult:
         """FMN distances of ``model`` on the evaluated points, cached in their own kind (``fmn``) by
         the model's :meth:`model_identity` and the preset's FMN spec, so the AutoAttack evaluations
         stay valid."""
         p = self.preset
-        key = digest({"kind": "fmn", "model": weights, "data": p.fingerprint("dataset", "n_eval", "seed"),
+        key = digest({"kind": "fmn", "model": identity, "data": p.fingerprint("dataset", "n_eval", "seed"),
                       "fmn": dataclasses.asdict(p.fmn)})
 
         def build() -> dict:

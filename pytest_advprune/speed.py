@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import resource
 import warnings
 from dataclasses import dataclass, replace
 
@@ -187,6 +188,4 @@ def peak_memory_mib(device: torch.device) -> float:
     CPU the process's peak resident set size so far (Linux ``ru_maxrss``, KiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
