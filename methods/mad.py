@@ -11,9 +11,9 @@ pruner/kfac_MAD_pruner.py):
         m_hat is clamped so that m stays in [1e-4, 1] (softplus never reaches 0; the repo's floor);
      c. dw = w - w * m, and per weight the diagonal of the second-order term of the adversarial loss,
         0.5 * dw^T H dw, with H approximated per layer by K-FAC: S_ij = 0.5 * G_ii * dw_ij * (dw_i A)_j,
-        A = E[a a^T] of the layer inputs (conv: unfolded patches, over P output positions, and
-        divided by P; a ones column for the bias), G = E[g g^T] of the per-sample output gradients
-        (conv: times P), the scales of the repo's ComputeCovA/ComputeCovG; both taken on x_adv at
+        A = E[a a^T] of the layer inputs (conv: unfolded patches over P output positions, / P; a
+        ones column for the bias), G = E[g g^T] of the per-sample output gradients (conv: x P^2),
+        the scales of the repo's ComputeCovA/ComputeCovG; both taken on x_adv at
         the masked point with the true labels (the repo's ``_compute_minibatch_fisher(...,
         fisher_type=False)`` runs after the mask steps, before the masks are reset);
      d. reset the masks, average S over the batches;
@@ -107,10 +107,12 @@ def kfac_factors(
     ``weight.flatten(1)`` (Conv2d), with a column of ones appended when the layer has a bias.
     Linear: ``A = E[a a^T]``, ``G_diag = E[g^2]`` over the batch, g the gradient of each sample's
     own loss w.r.t. the layer output. Conv2d with P output positions per sample: ``A = E[a a^T] / P``
-    and ``G_diag = P * E[g^2]``, expectations over samples and positions: the scales of the repo's
-    ComputeCovA (patches divided by P) and ComputeCovG (gradients times P), which K-FAC takes from
-    KFC (Grosse & Martens 2016). Their product has no P left, so conv and Linear saliencies share a
-    scale. Shapes ``[D, D]`` (D = fan-in, +1 with a bias) and ``[out]``.
+    and ``G_diag = P^2 * E[g^2]``, expectations over samples and positions: the scales of the repo's
+    ComputeCovA (patches divided by P) and ComputeCovG (``batch_averaged``: the mean loss's output
+    gradients times batch size and P, i.e. per-sample gradients times P, squared and averaged over
+    rows), which follow KFC (Grosse & Martens 2016). Their product, P * E[a a^T] E[g^2], sets how
+    conv saliencies rank against each other and against Linear ones. Shapes ``[D, D]`` (D = fan-in,
+    +1 with a bias) and ``[out]``.
     """
     layers = prunable_layers(model)
     inputs, outputs = {}, {}
@@ -141,7 +143,8 @@ def kfac_factors(
         a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
         if m.bias is not None:
             a = torch.cat([a, a.new_ones(len(a), 1)], dim=1)
-        factors[n] = (a.T @ a / (len(a) * positions), g.pow(2).sum(0) / len(x))
+        # sum over the N * P rows / N = P * E[g^2]; times P again for the repo's P^2
+        factors[n] = (a.T @ a / (len(a) * positions), g.pow(2).sum(0) * positions / len(x))
     return factors
 
 
@@ -212,11 +215,11 @@ def row_keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     rows, cols = scores.shape
     per_row, extra = divmod(total, rows)
     order = scores.argsort(dim=1)
-    drops = torch.full((rows,), per_row, dtype=torch.long)
+    drops = torch.full((rows,), per_row, dtype=torch.long, device=scores.device)
     if extra:
         next_lowest = scores.gather(1, order[:, per_row : per_row + 1]).squeeze(1)
         drops[torch.topk(next_lowest, extra, largest=False).indices] += 1
-    dropped = torch.arange(cols).expand(rows, cols) < drops[:, None]
+    dropped = torch.arange(cols, device=scores.device).expand(rows, cols) < drops[:, None]
     keep = torch.ones_like(scores, dtype=torch.bool)
     keep.scatter_(1, order, ~dropped)
     return keep
@@ -248,7 +251,7 @@ class Mad(Method):
     structures = ("weights",)
     known_failures = {
         preset: "MAD's global ranking over the conv layers empties the stem of this CNN: 143 of conv1's 144 adversarial "
-        "saliencies rank below the top 28% of conv2's, so at every quick sparsity (90-99%) conv1 keeps 1 of its 144 weights "
+        "saliencies rank below the top 19% of conv2's, so at every quick sparsity (90-99%) conv1 keeps 1 of its 144 weights "
         "(the per-layer guard's) and the model stays at chance after fine-tuning (quick 90%: 10.6% clean); on the repo's "
         "CIFAR VGG/ResNet the lowest layers score highest instead (its README figure)"
         for preset in ("smoke", "quick")

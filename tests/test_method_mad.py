@@ -8,6 +8,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from pytest_advprune import registry, sparsity
+from pytest_advprune.sparsity import n_to_prune
 from pytest_advprune.methods import mad
 from pytest_advprune.methods.mad import (
     Mad, adversarial_saliency, keep_best_per_layer, kfac_factors, kfac_saliency, mad_masks, optimise_masks, row_keep,
@@ -82,14 +83,17 @@ def test_conv_factors_follow_the_patches_in_weight_order():
     A, G = kfac_factors(model, x, y, dict(model.named_parameters()))["0"]
 
     out = conv(x)
-    (g,) = torch.autograd.grad(F.cross_entropy(fc(out.flatten(1)), y, reduction="sum"), out)
+    # the repo backpropagates the mean loss, and its hooks see these output gradients
+    (g,) = torch.autograd.grad(F.cross_entropy(fc(out.flatten(1)), y), out)
     xp = F.pad(x, (1, 1, 1, 1))
     patches = [xp[b, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].flatten() for b in range(5) for i in range(2) for j in range(2)]
     a1 = torch.stack([torch.cat([p, torch.ones(1)]) for p in patches])
     assert a1.shape[1] == conv.weight[0].numel() + 1
-    # the repo's scales: patches divided by the 4 output positions, gradients multiplied by them
-    assert torch.allclose(A, a1.T @ a1 / len(a1) / 4, atol=1e-5)
-    assert torch.allclose(G, 4 * g.pow(2).mean(dim=(0, 2, 3)), atol=1e-5)
+    # the repo's ComputeCovA: patches / P (P = 4 output positions), a^T (a / batch)
+    assert torch.allclose(A, (a1 / 4).T @ (a1 / 4) / 5, atol=1e-5)
+    # its ComputeCovG (batch_averaged): gradients x batch x P, g^T (g / rows), rows = batch x P
+    scaled = g * 5 * 4
+    assert torch.allclose(G, scaled.pow(2).sum(dim=(0, 2, 3)) / (5 * 4), atol=1e-5)
 
 
 def test_mask_optimisation_keeps_masks_in_the_unit_interval_and_the_weights_untouched():
@@ -127,7 +131,7 @@ def test_row_keep_prunes_each_row_by_its_lowest_scores_and_the_layer_exactly(row
     scores = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     keep = row_keep(scores, sparsity)
     dropped = (~keep).sum(1)
-    assert int(dropped.sum()) == round(sparsity * rows * cols)
+    assert int(dropped.sum()) == n_to_prune(rows * cols, sparsity)
     assert int(dropped.max() - dropped.min()) <= 1, "rows must lose the same count, give or take one"
     for r in range(rows):
         if 0 < dropped[r] < cols:
@@ -144,7 +148,7 @@ def test_mad_masks_rank_convs_globally_and_linear_layers_per_row():
     saliency = {
         "0": torch.full((2, 1, 3, 3), 1.0),  # far below the other conv: the global ranking empties it, but for its best
         "1": torch.arange(36.0).view(2, 2, 3, 3) + 10,
-        "3": torch.tensor([[0.0] * 8, [1e9] * 8, [5.0] * 8, [-3.0] * 8]),  # per row: each row keeps the same count
+        "3": torch.arange(32.0).view(4, 8) * torch.tensor([[1.0], [1e9], [-1.0], [0.5]]),  # per row: same count each
         "4": torch.randn(3, 4),
     }
     saliency["0"][1, 0, 2, 2] = 2.0
@@ -152,6 +156,7 @@ def test_mad_masks_rank_convs_globally_and_linear_layers_per_row():
     assert masks["0"].sum() == 1 and masks["0"][1, 0, 2, 2] == 1, "conv ranking must be global, with the best kept"
     assert masks["1"].sum() == 54 - 27 - 1
     assert masks["3"].sum(1).tolist() == [4.0] * 4
+    assert masks["3"][[0, 1, 3], 4:].all() and masks["3"][2, :4].all(), "each row must keep its highest saliencies"
     assert masks["4"].sum() == 6 and masks["4"].sum(1).tolist() == [2.0] * 3
     assert torch.equal(masks["4"].bool(), row_keep(saliency["4"], 0.5))
 
