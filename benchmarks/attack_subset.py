@@ -27,7 +27,7 @@ from tabulate import tabulate
 
 from pytest_advprune import presets, registry
 from pytest_advprune.attacks import AutoAttackSpec, run_autoattack
-from pytest_advprune.cache import weights_digest
+from pytest_advprune.cache import default_dir, weights_digest
 from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--cell", default="lwm-weights-90", help="METHOD-STRUCTURE-SPARSITY of the pruned model(s), comma list")
     ap.add_argument("--standard-from", default=None, help="earlier JSON whose standard results are reused by weight sha256")
-    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "pytest-advprune"))
+    ap.add_argument("--cache-dir", default=str(default_dir()))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="reports/benchmarks")
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 """End to end: one method's whole grid with a warm dense-model cache, timed against the goal.
 
-Copies the dense models of the warm cache (default ``~/.cache/pytest-advprune``, only read) to a
+Copies the dense models of the warm cache (default: env ``ADVPRUNE_CACHE_DIR``, else ``~/.cache/pytest-advprune``; only read) to a
 temporary folder, nothing else (no pruned model, evaluation, FMN or indicator entry), and times
 
     pytest --advprune-method=<method> --advprune-preset=quick --advprune-cache-dir=<copy>
@@ -35,6 +35,7 @@ import torch
 from tabulate import tabulate
 
 from pytest_advprune import presets, registry
+from pytest_advprune.cache import default_dir
 from pytest_advprune.estimate import estimate
 from pytest_advprune.session import AdvPruneSession, RunConfig, versions
 
@@ -81,7 +82,7 @@ def run_pytest(workdir: Path, cache: Path, preset: str, method: str, device: str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="hydra")
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "pytest-advprune",
+    ap.add_argument("--cache", type=Path, default=default_dir(),
                     help="warm cache to copy (only read)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--out", type=Path, default=Path("reports/benchmarks"))

@@ -38,6 +38,7 @@ from tabulate import tabulate
 
 from pytest_advprune import models, presets, registry
 from pytest_advprune.attacks import AutoAttackSpec, run_autoattack
+from pytest_advprune.cache import default_dir
 from pytest_advprune.session import AdvPruneSession, RunConfig, versions
 from pytest_advprune.speed import FastPath, peak_memory_mib, prepare_for_eval, synchronize
 
@@ -114,7 +115,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--preset", default=None, help="default: quick on the CPU, cifar10 on CUDA")
     ap.add_argument("--n-points", type=int, default=None, help="default: 200 on the CPU, the preset's on CUDA")
-    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "pytest-advprune"))
+    ap.add_argument("--cache-dir", default=str(default_dir()))
     ap.add_argument("--out", default="reports/benchmarks")
     ap.add_argument("--smoke", action="store_true", help="seconds-long tiny run (the test suite's)")
     args = ap.parse_args()

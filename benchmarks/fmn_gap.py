@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from tabulate import tabulate
 
 from pytest_advprune import presets, registry
+from pytest_advprune.cache import default_dir
 from pytest_advprune.fmn import fmn_distances
 from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
 
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--report", default=None, help="the report JSON to pick cells from (default reports/<preset>.json)")
     ap.add_argument("--min-gap", type=float, default=2.0, help="points of robust accuracy (percent)")
     ap.add_argument("--steps", default="300,1000", help="further step budgets for the tuned configuration")
-    ap.add_argument("--cache-dir", default=os.environ.get("ADVPRUNE_CACHE_DIR", str(Path.home() / ".cache" / "pytest-advprune")))
+    ap.add_argument("--cache-dir", default=str(default_dir()))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="reports/benchmarks")
     args = ap.parse_args()

@@ -26,6 +26,12 @@ from .files import atomic_write_bytes
 ENGINE_VERSION = "1"
 
 
+def default_dir() -> Path:
+    """The cache folder when none is given: env ``ADVPRUNE_CACHE_DIR``, else ``~/.cache/pytest-advprune``.
+    One definition, so the plugin and the benchmark scripts read and write the same cache."""
+    return Path(os.environ.get("ADVPRUNE_CACHE_DIR") or Path.home() / ".cache" / "pytest-advprune")
+
+
 def digest(description: dict[str, Any]) -> str:
     """Cache key: sha256 (hex, 24 chars) of the canonical JSON of ``description``."""
     blob = json.dumps({"engine": ENGINE_VERSION, "description": description}, sort_keys=True, default=str)

@@ -88,12 +88,13 @@ def _load_methods(config: pytest.Config) -> None:
 
 def _build_session(config: pytest.Config):
     from . import presets, registry
+    from .cache import default_dir
     from .errors import AdvPruneError
     from .report import check_target
     from .session import AdvPruneSession, RunConfig
 
     _load_methods(config)
-    cache = _opt(config, "cache-dir") or os.environ.get("ADVPRUNE_CACHE_DIR") or Path.home() / ".cache" / "pytest-advprune"
+    cache = _opt(config, "cache-dir") or default_dir()
     try:
         checkpoint = _checkpoint_spec(config)
         default = _DATASET_PRESET[checkpoint.dataset] if checkpoint else "quick"

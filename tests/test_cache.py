@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pytest_advprune import cache as cache_mod
-from pytest_advprune.cache import Cache, atomic_write_bytes, digest
+from pytest_advprune.cache import Cache, atomic_write_bytes, default_dir, digest
 
 
 class Recorder:
@@ -373,3 +373,11 @@ def test_training_augmentation_enters_the_model_keys(tmp_path, monkeypatch):
     assert data.DATASETS["cifar10"].augment != "none"
     monkeypatch.setitem(data.DATASETS, "cifar10", dataclasses.replace(data.DATASETS["cifar10"], augment="none"))
     assert session.dense_key("resnet18") != keys[0] and session.pruned_key(cell) != keys[1]
+
+
+def test_default_dir_follows_env_else_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADVPRUNE_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert default_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv("ADVPRUNE_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_dir() == tmp_path / ".cache" / "pytest-advprune"
