@@ -106,7 +106,8 @@ class Method:
     percent>"`` (one cell) to the reason the method is known to miss the accuracy floors there. The
     suite then marks those cells' clean and robust checks as expected failures: a failing check is
     reported ``XFAIL`` with its numbers and the reason; a check that passes after all shows as
-    XPASS in pytest's summary and counts as passed. Sparsity is never excused.
+    XPASS in pytest's summary and counts as passed. Sparsity is never excused. Editing this
+    declaration does not re-key the method's cached models (it changes verdicts, not weights).
     """
 
     name: ClassVar[str]

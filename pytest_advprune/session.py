@@ -8,6 +8,7 @@ Flow of a cell (method, dataset, arch, structure, sparsity %):
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import datetime as _dt
@@ -197,12 +198,34 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _source_digest(cls: type) -> str:
+def _source_digest(obj: type | Callable) -> str:
+    """sha256 (hex, 16 chars) of the source of the module defining ``obj`` (a method class or a
+    function), part of cache keys: any edit to the module re-keys its artefacts, except an edit of
+    a ``known_failures`` declaration, which changes verdicts, not models (:func:`source_without_known_failures`)."""
     try:
-        src = inspect.getsource(inspect.getmodule(cls))
+        src = source_without_known_failures(inspect.getsource(inspect.getmodule(obj)))
     except (OSError, TypeError):
-        src = cls.__qualname__
+        src = obj.__qualname__
     return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def source_without_known_failures(src: str) -> str:
+    """``src`` (a module's source) with the lines of every class-level ``known_failures = ...``
+    assignment removed; ``src`` itself, character for character, when it has none (so adding this
+    rule left every other method's cache key unchanged). Unparsable source is returned unchanged."""
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return src
+    drop = set()
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for stmt in cls.body:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id == "known_failures" for t in targets):
+                drop.update(range(stmt.lineno, stmt.end_lineno + 1))
+    if not drop:
+        return src
+    return "".join(line for i, line in enumerate(src.splitlines(keepends=True), 1) if i not in drop)
 
 
 def load_checkpoint_model(spec: CheckpointSpec, seed: int = 0) -> nn.Module:

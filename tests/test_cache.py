@@ -381,3 +381,43 @@ def test_default_dir_follows_env_else_home(monkeypatch, tmp_path):
     monkeypatch.delenv("ADVPRUNE_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_dir() == tmp_path / ".cache" / "pytest-advprune"
+
+
+METHOD_MODULE = '''
+class Toy(Method):
+    name = "toy"
+    known_failures = {
+        "quick": "measured 10% clean",
+    }
+
+    def prune(self, ctx):
+        return ctx.dense
+'''
+
+
+def test_known_failures_edits_do_not_rekey_a_method_but_other_edits_do():
+    from pytest_advprune.session import source_without_known_failures as strip
+
+    reworded = METHOD_MODULE.replace('"measured 10% clean",', '"measured 11% clean",\n        "smoke": "why",')
+    annotated = METHOD_MODULE.replace("    name = \"toy\"\n", "    name = \"toy\"\n    known_failures: ClassVar[dict] = {p: 'x' for p in ('a', 'b')}\n")
+    assert strip(reworded) == strip(METHOD_MODULE) == strip(METHOD_MODULE.replace('    known_failures = {\n        "quick": "measured 10% clean",\n    }\n', ""))
+    assert strip(annotated) == strip(METHOD_MODULE)
+    assert strip(METHOD_MODULE.replace("return ctx.dense", "return ctx.fresh_model()")) != strip(METHOD_MODULE)
+    without = METHOD_MODULE.replace('    known_failures = {\n        "quick": "measured 10% clean",\n    }\n', "")
+    assert strip(without) == without, "a module without known_failures must keep its old cache key"
+    assert strip("def broken(:\n") == "def broken(:\n"
+
+
+def test_method_source_digest_leaves_out_known_failures():
+    import hashlib
+    import inspect
+
+    from pytest_advprune import registry
+    from pytest_advprune.session import _source_digest, source_without_known_failures
+
+    registry.load_builtin()
+    for name in ("rst", "hydra"):
+        src = inspect.getsource(inspect.getmodule(registry.get(name)))
+        stripped = source_without_known_failures(src)
+        assert _source_digest(registry.get(name)) == hashlib.sha256(stripped.encode()).hexdigest()[:16]
+        assert (stripped != src) == bool(registry.get(name).known_failures), name
