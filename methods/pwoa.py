@@ -6,7 +6,8 @@ example anywhere (the PwoA+ mix-in of PGD batches is off, as in the plain method
   1. teacher T = frozen copy of the robust pretrained model; student S starts as T;
   2. ADMM pruning on clean inputs: minimise the self-distillation loss
      alpha * tau^2 * KL(T(x)/tau || S(x)/tau) (KLDivLoss with log targets and 'mean' reduction,
-     tau 30, alpha 10) plus the ADMM penalty (:class:`pytest_advprune.admm.ADMM`), Z/U and rho
+     tau 30, alpha 10) plus the ADMM penalty (:class:`pytest_advprune.admm.ADMM`; U rescaled when rho grows, unlike
+     the reference: see that module), Z/U and rho
      (x1.3) updated ``UPDATES`` times;
   3. hard prune layer by layer by magnitude (or filter L2 norm);
   4. masked retraining on clean inputs with the distillation loss plus the HSIC bottleneck terms

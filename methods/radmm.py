@@ -6,7 +6,8 @@ Algorithm (paper Sec. 3-4, ``--stage admm`` then ``--stage retrain`` of the refe
   2. ADMM phase: minimise the adversarial loss CE(f(x_adv), y) plus the augmented-Lagrangian
      penalty sum_l rho/2 ||W_l - Z_l + U_l||^2, where Z_l is W_l + U_l projected onto layer l's
      sparse set (largest-|w| weights, or largest-L2 filters) and U_l the scaled dual
-     (:class:`pytest_advprune.admm.ADMM`); Z, U and rho (x1.3, "multi-rho") are updated
+     (:class:`pytest_advprune.admm.ADMM`; U rescaled when rho grows, unlike the reference: see
+     that module); Z, U and rho (x1.3, "multi-rho") are updated
      ``UPDATES`` times over the phase, the learning rate restarting at each update as in the
      reference's periodic ADMM schedule;
   3. hard prune: project W itself, layer by layer (same fraction in every layer);

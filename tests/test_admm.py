@@ -67,13 +67,19 @@ def test_dual_update_and_rho_growth():
     with torch.no_grad():
         for m in admm.layers.values():
             m.weight.add_(0.01)
+    admm.update()  # a non-zero dual for the update under test
+    with torch.no_grad():
+        for m in admm.layers.values():
+            m.weight.add_(0.01)
     w = {n: m.weight.detach().clone() for n, m in admm.layers.items()}
-    u_before = {n: u.clone() for n, u in admm.U.items()}
+    u_before, rho_before = {n: u.clone() for n, u in admm.U.items()}, admm.rho
+    assert any(u.abs().sum() > 0 for u in u_before.values())
     admm.update()
     for n in w:
         assert torch.equal(admm.Z[n], admm.project({n: w[n] + u_before[n]} | {k: w[k] for k in w if k != n})[n])
-        assert torch.allclose(admm.U[n], u_before[n] + w[n] - admm.Z[n])
-    assert admm.rho == pytest.approx(0.13)
+        # unscaled dual y = rho * U: y <- y + rho (W - Z), then rho grows and U = y / rho
+        assert torch.allclose(admm.rho * admm.U[n], rho_before * (u_before[n] + w[n] - admm.Z[n]), atol=1e-7)
+    assert admm.rho == pytest.approx(0.1 * 1.3**2)
 
 
 def test_minimising_the_penalty_with_updates_reaches_the_sparse_set():
