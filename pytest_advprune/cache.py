@@ -1,7 +1,7 @@
 """Content-addressed, atomic artefact cache (models as safetensors, results as JSON).
 
 An entry's key is the sha256 of a JSON description of everything that affects it (preset
-fields, architecture, seed, method source, engine version); its files are
+fields, architecture, seed, the code that builds it (:func:`code_digest`), engine version); its files are
 ``<root>/<kind>/<key>.safetensors`` / ``.json``. Every write goes to a temporary file in the
 same folder and is renamed into place, so a reader never sees half a file. Each entry stores
 the sha256 of its payload; an entry whose bytes do not match, or that fails to parse, is
@@ -11,9 +11,14 @@ pytest-xdist workers) from building the same entry twice.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.util
+import inspect
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,8 +27,14 @@ from filelock import FileLock
 
 from .files import atomic_write_bytes
 
-# Bump when training/pruning/evaluation code changes results, so old cache entries are not reused.
+# Bump when code that no cache key digests changes results (the build steps in session.py, a
+# library's behaviour), so old entries are not reused; it also separates report protocols.
 ENGINE_VERSION = "1"
+
+PACKAGE = "pytest_advprune"
+# Package modules left out of code digests: their values enter keys as data (preset fields via
+# ``Preset.fingerprint``) or they cannot change a result (error messages, method registration).
+NOT_RESULT_CODE = frozenset({f"{PACKAGE}.presets", f"{PACKAGE}.errors", f"{PACKAGE}.registry"})
 
 
 def default_dir() -> Path:
@@ -36,6 +47,111 @@ def digest(description: dict[str, Any]) -> str:
     """Cache key: sha256 (hex, 24 chars) of the canonical JSON of ``description``."""
     blob = json.dumps({"engine": ENGINE_VERSION, "description": description}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def code_digest(*roots: str) -> str:
+    """sha256 (hex, 16 chars) of the code of the modules named in ``roots`` and of every module of
+    this package they import, transitively (static ``import``/``from`` statements, relative or
+    absolute; :data:`NOT_RESULT_CODE` excepted). Each module enters as :func:`normalized_code`, so
+    editing a comment, a docstring or a ``known_failures`` declaration keeps the digest and any
+    other code edit changes it. A root whose source cannot be read enters by its name alone."""
+    return _closure_digest(tuple(sorted(set(roots))))
+
+
+@functools.lru_cache(maxsize=None)
+def _closure_digest(roots: tuple[str, ...]) -> str:
+    code, todo = {}, list(roots)
+    while todo:
+        name = todo.pop()
+        if name in code or name in NOT_RESULT_CODE:
+            continue
+        src = module_source(name)
+        if src is None:
+            code[name] = "" if name in roots else None
+            continue
+        code[name] = normalized_code(src)
+        todo.extend(package_imports(src, name, is_package=_is_package(name)))
+    blob = "\n".join(f"{n}\n{c}" for n, c in sorted(code.items()) if c is not None)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def module_source(name: str) -> str | None:
+    """Source text of module ``name`` (imported or importable), or None when there is none (a name
+    that is not a module, a built-in or compiled module)."""
+    try:
+        module = sys.modules.get(name)
+        if module is not None:
+            return inspect.getsource(module)
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError, OSError, TypeError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin).read_text(encoding="utf-8")
+
+
+def _is_package(name: str) -> bool:
+    module = sys.modules.get(name)
+    return module is not None and hasattr(module, "__path__")
+
+
+def package_imports(src: str, name: str, is_package: bool = False) -> set[str]:
+    """Names of the modules of this package that the source ``src`` of module ``name`` imports
+    (``from .x import y``, ``from . import x``, ``from pytest_advprune.x import y``,
+    ``import pytest_advprune.x``), inside functions too but not under ``if TYPE_CHECKING:``; names
+    that turn out not to be modules are dropped by the caller. Unparsable source imports nothing."""
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    parent = name if is_package else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith(PACKAGE + "."))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = parent.rsplit(".", node.level - 1)[0] if node.level > 1 else parent
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            if module != PACKAGE and not module.startswith(PACKAGE + "."):
+                continue
+            out.add(module)
+            out.update(f"{module}.{a.name}" for a in node.names)
+    out.discard(PACKAGE)
+    return out
+
+
+def normalized_code(src: str) -> str:
+    """What of a module's source ``src`` can change a result: its syntax tree without docstrings
+    and without class-level ``known_failures`` assignments (they change verdicts, not artefacts),
+    dumped without line numbers, so comments and layout do not count. Unparsable source is
+    returned as it is."""
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return src
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(body, list):
+            continue
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            body = body[1:] or [ast.Pass()]
+        if isinstance(node, ast.ClassDef):
+            body = [stmt for stmt in body if not _assigns_known_failures(stmt)] or [ast.Pass()]
+        node.body = body
+    return ast.dump(tree)
+
+
+def _assigns_known_failures(stmt: ast.stmt) -> bool:
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+    return any(isinstance(t, ast.Name) and t.id == "known_failures" for t in targets)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

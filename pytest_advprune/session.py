@@ -1,19 +1,17 @@
 """One conformance run, without pytest: cells, the dense model, pruning, evaluation, verdicts.
 
 Flow of a cell (method, dataset, arch, structure, sparsity %):
-  dense model (cached per preset/arch/seed/engine version) -> method.prune (cached per cell,
-  preset, method source) -> measure sparsity -> evaluate (cached per pruned model and protocol)
-  -> verdicts. The plugin turns verdicts into test outcomes and calls :meth:`record`.
+  dense model (cached per preset/arch/seed/training code) -> method.prune (cached per cell,
+  preset, method and engine code) -> measure sparsity -> evaluate (cached per pruned model,
+  protocol and attack code) -> verdicts. The plugin turns verdicts into test outcomes and calls :meth:`record`.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 import datetime as _dt
 import hashlib
-import inspect
 import platform
 import time
 import traceback
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 from . import __version__, compact, data, models, registry, report, speed
-from .cache import Cache, digest, weights_digest
+from .cache import PACKAGE, Cache, code_digest, digest, weights_digest
 from .errors import AdvPruneError, BadOption
 from .evaluate import Evaluation, check_finite, evaluate, with_fmn
 from .fmn import FMNResult, run_fmn
@@ -198,34 +196,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _source_digest(obj: type | Callable) -> str:
-    """sha256 (hex, 16 chars) of the source of the module defining ``obj`` (a method class or a
-    function), part of cache keys: any edit to the module re-keys its artefacts, except an edit of
-    a ``known_failures`` declaration, which changes verdicts, not models (:func:`source_without_known_failures`)."""
-    try:
-        src = source_without_known_failures(inspect.getsource(inspect.getmodule(obj)))
-    except (OSError, TypeError):
-        src = obj.__qualname__
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
-
-
-def source_without_known_failures(src: str) -> str:
-    """``src`` (a module's source) with the lines of every class-level ``known_failures = ...``
-    assignment removed; ``src`` itself, character for character, when it has none (so adding this
-    rule left every other method's cache key unchanged). Unparsable source is returned unchanged."""
-    try:
-        tree = ast.parse(src)
-    except SyntaxError:
-        return src
-    drop = set()
-    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
-        for stmt in cls.body:
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
-            if any(isinstance(t, ast.Name) and t.id == "known_failures" for t in targets):
-                drop.update(range(stmt.lineno, stmt.end_lineno + 1))
-    if not drop:
-        return src
-    return "".join(line for i, line in enumerate(src.splitlines(keepends=True), 1) if i not in drop)
+def method_code_digest(cls: type) -> str:
+    """:func:`~pytest_advprune.cache.code_digest` of a method class's module, with the engine a
+    method trains through (``PruneContext.train``, ``fresh_model``): its pruned models' code key."""
+    return code_digest(cls.__module__, f"{PACKAGE}.training", f"{PACKAGE}.models")
 
 
 def load_checkpoint_model(spec: CheckpointSpec, seed: int = 0) -> nn.Module:
@@ -329,16 +303,16 @@ class AdvPruneSession:
 
     def dense_key(self, arch: str) -> str:
         """Cache key of the preset's dense model for ``arch`` (kind ``dense``): the preset's data and
-        dense training, the architecture and the training augmentation."""
+        dense training, the architecture, the training augmentation and the training code."""
         p = self.preset
         return digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch,
-                       **self._augmentation()})
+                       "code": code_digest(f"{PACKAGE}.training", f"{PACKAGE}.models"), **self._augmentation()})
 
     def pruned_key(self, cell: Cell) -> str:
-        """Cache key of ``cell``'s pruned model (kind ``pruned``): cell, method source, training
-        budgets and augmentation."""
+        """Cache key of ``cell``'s pruned model (kind ``pruned``): cell, method and engine code
+        (:func:`method_code_digest`), training budgets and augmentation."""
         return digest({
-            "kind": "pruned", "cell": cell.id, "method_source": _source_digest(registry.get(cell.method)),
+            "kind": "pruned", "cell": cell.id, "code": method_code_digest(registry.get(cell.method)),
             "preset": self.preset.fingerprint("dataset", "n_train", "eps", "seed", "dense_train", "prune_train", "finetune"),
             **self._augmentation(),
         })
@@ -355,9 +329,9 @@ class AdvPruneSession:
         return f"{weights}:{name}:{hashlib.sha256(Path(file).read_bytes()).hexdigest()}"
 
     def eval_key(self, identity: str, preset: Preset | None = None) -> str:
-        """Cache key of an evaluation (kind ``eval``): the model's :meth:`model_identity` and the
-        attack protocol (of ``preset``, default the run's)."""
-        return digest({"kind": "eval", "model": identity,
+        """Cache key of an evaluation (kind ``eval``): the model's :meth:`model_identity`, the
+        attack protocol (of ``preset``, default the run's) and the evaluation code."""
+        return digest({"kind": "eval", "model": identity, "code": code_digest(f"{PACKAGE}.evaluate"),
                        "protocol": (preset or self.preset).fingerprint("dataset", "n_eval", "eps", "seed", "autoattack",
                                                                         "pgd_steps")})
 
@@ -488,10 +462,11 @@ class AdvPruneSession:
 
     def _fmn(self, model: nn.Module, identity: str, log: Callable[[str], None]) -> FMNResult:
         """FMN distances of ``model`` on the evaluated points, cached in their own kind (``fmn``) by
-        the model's :meth:`model_identity` and the preset's FMN spec, so the AutoAttack evaluations
-        stay valid."""
+        the model's :meth:`model_identity`, the preset's FMN spec and the FMN code, so the
+        AutoAttack evaluations stay valid."""
         p = self.preset
-        key = digest({"kind": "fmn", "model": identity, "data": p.fingerprint("dataset", "n_eval", "seed"),
+        key = digest({"kind": "fmn", "model": identity, "code": code_digest(f"{PACKAGE}.fmn"),
+                      "data": p.fingerprint("dataset", "n_eval", "seed"),
                       "fmn": dataclasses.asdict(p.fmn)})
 
         def build() -> dict:
@@ -519,7 +494,7 @@ class AdvPruneSession:
 
     def _build_indicators(self, res: CellResult) -> None:
         """The attack-failure indicators of an evaluated cell, cached in their own kind, keyed by the
-        evaluation's key, the transfer source's weights, the indicator settings and module source."""
+        evaluation's key, the transfer source's weights, the indicator settings and code."""
         from . import indicators
 
         x, y = self._split(False)
@@ -527,7 +502,7 @@ class AdvPruneSession:
         source = None if res.cell.structure == "dense" else self._cached_dense(arch)
         source_key = None if source is None else weights_digest(source)[:24]
         key = digest({"kind": "indicators", "eval": res.eval_key, "source": source_key,
-                      "settings": indicators.DEFAULT.fingerprint(), "code": _source_digest(indicators.compute)})
+                      "settings": indicators.DEFAULT.fingerprint(), "code": code_digest(indicators.__name__)})
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
         payload, _ = self.cache.json("indicators", key, lambda: {
             k: v.to_dict() for k, v in indicators.compute(res.model, x, y, res.evaluation, self.preset.eps, self.preset.seed,

@@ -395,29 +395,99 @@ class Toy(Method):
 '''
 
 
-def test_known_failures_edits_do_not_rekey_a_method_but_other_edits_do():
-    from pytest_advprune.session import source_without_known_failures as strip
+def test_known_failures_docstring_and_comment_edits_keep_the_code_but_code_edits_do_not():
+    from pytest_advprune.cache import normalized_code as norm
 
     reworded = METHOD_MODULE.replace('"measured 10% clean",', '"measured 11% clean",\n        "smoke": "why",')
     annotated = METHOD_MODULE.replace("    name = \"toy\"\n", "    name = \"toy\"\n    known_failures: ClassVar[dict] = {p: 'x' for p in ('a', 'b')}\n")
-    assert strip(reworded) == strip(METHOD_MODULE) == strip(METHOD_MODULE.replace('    known_failures = {\n        "quick": "measured 10% clean",\n    }\n', ""))
-    assert strip(annotated) == strip(METHOD_MODULE)
-    assert strip(METHOD_MODULE.replace("return ctx.dense", "return ctx.fresh_model()")) != strip(METHOD_MODULE)
     without = METHOD_MODULE.replace('    known_failures = {\n        "quick": "measured 10% clean",\n    }\n', "")
-    assert strip(without) == without, "a module without known_failures must keep its old cache key"
-    assert strip("def broken(:\n") == "def broken(:\n"
+    documented = '"""Toy method."""\n' + METHOD_MODULE.replace("def prune(self, ctx):\n", "def prune(self, ctx):\n        \"\"\"Why.\"\"\"\n        # a comment\n\n")
+    assert norm(reworded) == norm(METHOD_MODULE) == norm(without) == norm(annotated) == norm(documented)
+    assert norm(METHOD_MODULE.replace("return ctx.dense", "return ctx.fresh_model()")) != norm(METHOD_MODULE)
+    assert norm(METHOD_MODULE.replace('name = "toy"', 'name = "toy2"')) != norm(METHOD_MODULE)
+    assert norm("def broken(:\n") == "def broken(:\n"
 
 
-def test_method_source_digest_leaves_out_known_failures():
-    import hashlib
-    import inspect
+FAKE_PACKAGE = {
+    "pytest_advprune.fake_method": "from pytest_advprune.fake_engine import step\nfrom pytest_advprune import presets\n",
+    "pytest_advprune.fake_engine": "from . import fake_helper\n\ndef step():\n    return fake_helper.value()\n",
+    "pytest_advprune.fake_helper": '"""Helper."""\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .fake_typing import T\n\n'
+                                   "def value():\n    from .fake_lazy import x\n    return x\n",
+    "pytest_advprune.fake_lazy": "x = 1\n",
+    "pytest_advprune.fake_typing": "T = int\n",
+    "pytest_advprune.presets": "QUICK = 1\n",
+}
 
-    from pytest_advprune import registry
-    from pytest_advprune.session import _source_digest, source_without_known_failures
+
+def fake_digest(monkeypatch, sources, *roots):
+    from pytest_advprune import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "module_source", sources.get)
+    cache_mod._closure_digest.cache_clear()
+    try:
+        return cache_mod.code_digest(*roots)
+    finally:
+        cache_mod._closure_digest.cache_clear()
+
+
+@pytest.mark.parametrize("module,edit,rekeys", [
+    ("pytest_advprune.fake_helper", ("return x", "return x + 1"), True),  # imported by an imported module
+    ("pytest_advprune.fake_lazy", ("x = 1", "x = 2"), True),  # imported inside a function
+    ("pytest_advprune.fake_helper", ('"""Helper."""', '"""Helper, reworded."""'), False),
+    ("pytest_advprune.fake_typing", ("T = int", "T = float"), False),  # only under TYPE_CHECKING
+    ("pytest_advprune.presets", ("QUICK = 1", "QUICK = 2"), False),  # data: enters keys as fingerprints
+])
+def test_code_digest_follows_the_package_imports_of_its_roots(monkeypatch, module, edit, rekeys):
+    before = fake_digest(monkeypatch, FAKE_PACKAGE, "pytest_advprune.fake_method")
+    edited = {**FAKE_PACKAGE, module: FAKE_PACKAGE[module].replace(*edit)}
+    assert edited != FAKE_PACKAGE
+    assert (fake_digest(monkeypatch, edited, "pytest_advprune.fake_method") != before) == rekeys
+
+
+def test_package_imports_resolve_relative_and_absolute_forms():
+    from pytest_advprune.cache import package_imports
+
+    src = "import os\nimport pytest_advprune.attacks\nfrom .sparsity import Masks\nfrom .. import data\nfrom pytest_advprune import models\n"
+    got = package_imports(src, "pytest_advprune.methods.toy")
+    assert {"pytest_advprune.attacks", "pytest_advprune.methods.sparsity", "pytest_advprune.data", "pytest_advprune.models"} <= got
+    assert "os" not in got and "pytest_advprune" not in got
+    assert package_imports("from . import x\n", "pytest_advprune.methods", is_package=True) >= {"pytest_advprune.methods.x"}
+    assert package_imports("def broken(:\n", "pytest_advprune.x") == set()
+
+
+def test_every_cache_key_covers_the_code_that_builds_its_artefact(tmp_path, monkeypatch):
+    """An edit of the training, ADMM, attack, FMN or indicator code re-keys exactly the artefacts it builds."""
+    from pytest_advprune import cache as cache_mod, presets, registry
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
 
     registry.load_builtin()
-    for name in ("rst", "hydra"):
-        src = inspect.getsource(inspect.getmodule(registry.get(name)))
-        stripped = source_without_known_failures(src)
-        assert _source_digest(registry.get(name)) == hashlib.sha256(stripped.encode()).hexdigest()[:16]
-        assert (stripped != src) == bool(registry.get(name).known_failures), name
+    session = AdvPruneSession(RunConfig(presets.get("smoke"), ["radmm", "hydra"], cache_dir=str(tmp_path), device="cpu"))
+    radmm, hydra = Cell("radmm", "fashion_mnist", "cnn", "weights", 90), Cell("hydra", "fashion_mnist", "cnn", "weights", 90)
+    real = cache_mod.module_source
+
+    def keys():
+        cache_mod._closure_digest.cache_clear()
+        return {"dense": session.dense_key("cnn"), "radmm": session.pruned_key(radmm), "hydra": session.pruned_key(hydra),
+                "eval": session.eval_key("w"), "fmn": cache_mod.code_digest("pytest_advprune.fmn"),
+                "indicators": cache_mod.code_digest("pytest_advprune.indicators")}
+
+    def edited(module):
+        monkeypatch.setattr(cache_mod, "module_source", lambda n: real(n) + "\nEDITED = 1\n" if n == module else real(n))
+        try:
+            return keys()
+        finally:
+            monkeypatch.setattr(cache_mod, "module_source", real)
+
+    base = keys()
+    expect = {
+        "pytest_advprune.training": {"dense", "radmm", "hydra"},
+        "pytest_advprune.admm": {"radmm"},
+        "pytest_advprune.methods.hydra": {"hydra"},
+        "pytest_advprune.fmn": {"eval", "fmn", "indicators"},
+        "pytest_advprune.indicators": {"indicators"},
+        "pytest_advprune.report": set(),
+    }
+    for module, rekeyed in expect.items():
+        new = edited(module)
+        assert {k for k in base if new[k] != base[k]} == rekeyed, module
+    assert keys() == base
