@@ -107,7 +107,8 @@ class Method:
     suite then marks those cells' clean and robust checks as expected failures: a failing check is
     reported ``XFAIL`` with its numbers and the reason; a check that passes after all shows as
     XPASS in pytest's summary and counts as passed. Sparsity is never excused. Editing this
-    declaration does not re-key the method's cached models (it changes verdicts, not weights).
+    declaration, or the module's comments and docstrings, does not re-key the method's cached
+    models (it changes verdicts or words, not weights).
     """
 
     name: ClassVar[str]
