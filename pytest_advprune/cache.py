@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from filelock import FileLock
@@ -50,16 +50,19 @@ def digest(description: dict[str, Any]) -> str:
 
 
 def code_digest(*roots: str) -> str:
-    """sha256 (hex, 16 chars) of the code of the modules named in ``roots`` and of every module of
-    this package they import, transitively (static ``import``/``from`` statements, relative or
-    absolute; :data:`NOT_RESULT_CODE` excepted). Each module enters as :func:`normalized_code`, so
-    editing a comment, a docstring or a ``known_failures`` declaration keeps the digest and any
-    other code edit changes it. A root whose source cannot be read enters by its name alone."""
+    """sha256 (hex, 16 chars) of the code of the modules named in ``roots`` and of every module they
+    import, transitively, from this package or from a root's own top-level package (a user method's
+    sibling files, a plugin package's helpers): static ``import``/``from`` statements, relative or
+    absolute, inside functions too, not under ``if TYPE_CHECKING:``; :data:`NOT_RESULT_CODE`
+    excepted. Each module enters as :func:`normalized_code`, so editing a comment, a docstring or a
+    ``known_failures`` declaration keeps the digest and any other code edit changes it. A root whose
+    source cannot be read (defined in ``__main__`` or by ``exec``) enters by its name alone."""
     return _closure_digest(tuple(sorted(set(roots))))
 
 
 @functools.lru_cache(maxsize=None)
 def _closure_digest(roots: tuple[str, ...]) -> str:
+    packages = {PACKAGE} | {r.partition(".")[0] for r in roots}
     code, todo = {}, list(roots)
     while todo:
         name = todo.pop()
@@ -70,60 +73,75 @@ def _closure_digest(roots: tuple[str, ...]) -> str:
             code[name] = "" if name in roots else None
             continue
         code[name] = normalized_code(src)
-        todo.extend(package_imports(src, name, is_package=_is_package(name)))
+        todo.extend(package_imports(src, name, is_package=_is_package(name), packages=packages))
     blob = "\n".join(f"{n}\n{c}" for n, c in sorted(code.items()) if c is not None)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def module_source(name: str) -> str | None:
-    """Source text of module ``name`` (imported or importable), or None when there is none (a name
-    that is not a module, a built-in or compiled module)."""
+    """Source text of module ``name`` (imported or importable, from files or a zip), or None when
+    there is none (a name that is not a module, a built-in or compiled module)."""
     try:
         module = sys.modules.get(name)
         if module is not None:
             return inspect.getsource(module)
         spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "get_source"):
+            return None
+        return spec.loader.get_source(name)
     except (ImportError, ValueError, OSError, TypeError):
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    return Path(spec.origin).read_text(encoding="utf-8")
 
 
 def _is_package(name: str) -> bool:
+    """Whether module ``name`` is a package (its relative imports start at itself), whether or not
+    it has been imported yet, so a digest never depends on import order."""
     module = sys.modules.get(name)
-    return module is not None and hasattr(module, "__path__")
+    if module is not None:
+        return hasattr(module, "__path__")
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.submodule_search_locations is not None
 
 
-def package_imports(src: str, name: str, is_package: bool = False) -> set[str]:
-    """Names of the modules of this package that the source ``src`` of module ``name`` imports
-    (``from .x import y``, ``from . import x``, ``from pytest_advprune.x import y``,
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def package_imports(src: str, name: str, is_package: bool = False, packages: Iterable[str] = (PACKAGE,)) -> set[str]:
+    """Names of the modules under the top-level ``packages`` that the source ``src`` of module
+    ``name`` imports (``from .x import y``, ``from . import x``, ``from pytest_advprune.x import y``,
     ``import pytest_advprune.x``), inside functions too but not under ``if TYPE_CHECKING:``; names
-    that turn out not to be modules are dropped by the caller. Unparsable source imports nothing."""
+    that turn out not to be modules are dropped by the caller, and so are the top-level packages
+    themselves. Unparsable source imports nothing."""
     try:
         tree = ast.parse(src)
     except SyntaxError:
         return set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
             node.body = []
+    packages = tuple(packages)
+    inside = lambda module: module.partition(".")[0] in packages
     parent = name if is_package else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith(PACKAGE + "."))
+            out.update(a.name for a in node.names if inside(a.name))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = parent.rsplit(".", node.level - 1)[0] if node.level > 1 else parent
                 module = f"{base}.{node.module}" if node.module else base
             else:
                 module = node.module or ""
-            if module != PACKAGE and not module.startswith(PACKAGE + "."):
+            if not module or not inside(module):
                 continue
             out.add(module)
-            out.update(f"{module}.{a.name}" for a in node.names)
-    out.discard(PACKAGE)
-    return out
+            out.update(f"{module}.{a.name}" for a in node.names if a.name != "*")
+    return out - set(packages)
 
 
 def normalized_code(src: str) -> str:
@@ -150,7 +168,7 @@ def normalized_code(src: str) -> str:
 
 
 def _assigns_known_failures(stmt: ast.stmt) -> bool:
-    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) else []
     return any(isinstance(t, ast.Name) and t.id == "known_failures" for t in targets)
 
 

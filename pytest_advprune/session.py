@@ -196,6 +196,10 @@ def versions() -> dict[str, str]:
     return out
 
 
+# An evaluated artefact also depends on the test split's loading and on the built-in models' forward.
+_SPLIT_AND_FORWARD = (f"{PACKAGE}.data", f"{PACKAGE}.models")
+
+
 def method_code_digest(cls: type) -> str:
     """:func:`~pytest_advprune.cache.code_digest` of a method class's module, with the engine a
     method trains through (``PruneContext.train``, ``fresh_model``): its pruned models' code key."""
@@ -320,8 +324,8 @@ class AdvPruneSession:
     def model_identity(self, model: nn.Module, arch: str) -> str:
         """What identifies an evaluated model in cache keys: its :func:`weights_digest`, plus, for a
         user architecture (``path/to/file.py:Class``), the class name and the sha256 of that file,
-        since the forward code is not in the weights. Built-in architectures' code is versioned by
-        :data:`~pytest_advprune.cache.ENGINE_VERSION`, so their identity is the weights alone."""
+        since the forward code is not in the weights. Built-in architectures' code enters the
+        evaluation keys through ``models`` in their code digests, so their identity is the weights alone."""
         weights = weights_digest(model)
         if arch in models.ARCHITECTURES:
             return weights
@@ -331,7 +335,7 @@ class AdvPruneSession:
     def eval_key(self, identity: str, preset: Preset | None = None) -> str:
         """Cache key of an evaluation (kind ``eval``): the model's :meth:`model_identity`, the
         attack protocol (of ``preset``, default the run's) and the evaluation code."""
-        return digest({"kind": "eval", "model": identity, "code": code_digest(f"{PACKAGE}.evaluate"),
+        return digest({"kind": "eval", "model": identity, "code": code_digest(f"{PACKAGE}.evaluate", *_SPLIT_AND_FORWARD),
                        "protocol": (preset or self.preset).fingerprint("dataset", "n_eval", "eps", "seed", "autoattack",
                                                                         "pgd_steps")})
 
@@ -460,14 +464,19 @@ class AdvPruneSession:
 
         res.eval_key = key
 
+    def fmn_key(self, identity: str) -> str:
+        """Cache key of an FMN run (kind ``fmn``): the model's :meth:`model_identity`, the evaluated
+        points, the preset's FMN spec and the FMN code."""
+        p = self.preset
+        return digest({"kind": "fmn", "model": identity, "code": code_digest(f"{PACKAGE}.fmn", *_SPLIT_AND_FORWARD),
+                       "data": p.fingerprint("dataset", "n_eval", "seed"), "fmn": dataclasses.asdict(p.fmn)})
+
     def _fmn(self, model: nn.Module, identity: str, log: Callable[[str], None]) -> FMNResult:
         """FMN distances of ``model`` on the evaluated points, cached in their own kind (``fmn``) by
         the model's :meth:`model_identity`, the preset's FMN spec and the FMN code, so the
         AutoAttack evaluations stay valid."""
         p = self.preset
-        key = digest({"kind": "fmn", "model": identity, "code": code_digest(f"{PACKAGE}.fmn"),
-                      "data": p.fingerprint("dataset", "n_eval", "seed"),
-                      "fmn": dataclasses.asdict(p.fmn)})
+        key = self.fmn_key(identity)
 
         def build() -> dict:
             x, y = self._split(False)
@@ -492,6 +501,15 @@ class AdvPruneSession:
                             f"split has {len(x)}; set the preset's FMNSpec(tune_split='train')")
         return x[p.n_eval:], y[p.n_eval:]
 
+    def indicators_key(self, eval_key: str, source_key: str | None) -> str:
+        """Cache key of a cell's attack-failure indicators (kind ``indicators``): the evaluation's
+        key, the transfer source's weights digest, the indicator settings and code."""
+        from . import indicators
+
+        return digest({"kind": "indicators", "eval": eval_key, "source": source_key,
+                       "settings": indicators.DEFAULT.fingerprint(),
+                       "code": code_digest(indicators.__name__, *_SPLIT_AND_FORWARD)})
+
     def _build_indicators(self, res: CellResult) -> None:
         """The attack-failure indicators of an evaluated cell, cached in their own kind, keyed by the
         evaluation's key, the transfer source's weights, the indicator settings and code."""
@@ -501,8 +519,7 @@ class AdvPruneSession:
         arch = res.cell.arch if self.config.checkpoint is None else self.preset.archs[0]
         source = None if res.cell.structure == "dense" else self._cached_dense(arch)
         source_key = None if source is None else weights_digest(source)[:24]
-        key = digest({"kind": "indicators", "eval": res.eval_key, "source": source_key,
-                      "settings": indicators.DEFAULT.fingerprint(), "code": code_digest(indicators.__name__)})
+        key = self.indicators_key(res.eval_key, source_key)
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
         payload, _ = self.cache.json("indicators", key, lambda: {
             k: v.to_dict() for k, v in indicators.compute(res.model, x, y, res.evaluation, self.preset.eps, self.preset.seed,

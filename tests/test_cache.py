@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -447,16 +449,77 @@ def test_code_digest_follows_the_package_imports_of_its_roots(monkeypatch, modul
 def test_package_imports_resolve_relative_and_absolute_forms():
     from pytest_advprune.cache import package_imports
 
-    src = "import os\nimport pytest_advprune.attacks\nfrom .sparsity import Masks\nfrom .. import data\nfrom pytest_advprune import models\n"
-    got = package_imports(src, "pytest_advprune.methods.toy")
-    assert {"pytest_advprune.attacks", "pytest_advprune.methods.sparsity", "pytest_advprune.data", "pytest_advprune.models"} <= got
-    assert "os" not in got and "pytest_advprune" not in got
-    assert package_imports("from . import x\n", "pytest_advprune.methods", is_package=True) >= {"pytest_advprune.methods.x"}
+    src = ("import os\nimport pytest_advprune.attacks as a\nfrom .sparsity import Masks\nfrom .. import data\n"
+           "from pytest_advprune import models\nfrom pytest_advprune.fmn import *\nimport acme.core\n"
+           "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .typing_only import T\n"
+           "if not TYPE_CHECKING:\n    from .runtime import R\n")
+    assert package_imports(src, "pytest_advprune.methods.toy") == {
+        "pytest_advprune.attacks", "pytest_advprune.methods.sparsity", "pytest_advprune.methods.sparsity.Masks",
+        "pytest_advprune.data", "pytest_advprune.models", "pytest_advprune.fmn", "pytest_advprune.methods.runtime",
+        "pytest_advprune.methods.runtime.R"}
+    assert "acme.core" in package_imports(src, "pytest_advprune.methods.toy", packages=("pytest_advprune", "acme"))
+    assert package_imports("from . import x\n", "pytest_advprune.methods", is_package=True) == {
+        "pytest_advprune.methods", "pytest_advprune.methods.x"}
+    assert package_imports("from .core import f\n", "acme", is_package=True, packages=("acme",)) == {"acme.core", "acme.core.f"}
     assert package_imports("def broken(:\n", "pytest_advprune.x") == set()
 
 
+def test_code_digest_follows_a_user_methods_sibling_files(tmp_path, monkeypatch):
+    """A method file in --advprune-methods-dir that imports a helper from its own folder is re-keyed by
+    an edit of the helper (the files are imported as advprune_user_methods.<stem>)."""
+    from pytest_advprune import cache as cache_mod, registry
+
+    (tmp_path / "a_helper.py").write_text("def keep(s):\n    return 1 - s\n")
+    (tmp_path / "mine.py").write_text(
+        "from advprune_user_methods.a_helper import keep\n"
+        "from pytest_advprune.registry import Criterion, Locality, Method, Pipeline, Schedule, Taxonomy, register\n\n"
+        "@register\nclass MineForDigest(Method):\n    name = 'mine_for_digest'\n    structures = ('weights',)\n"
+        "    taxonomy = Taxonomy(paper='test', pipeline=Pipeline.AFTER, step1='AT', step2='AT', schedule=Schedule.ONE_SHOT,\n"
+        "                        locality=Locality.LOCAL, criterion=Criterion.LWM)\n"
+        "    def prune(self, ctx):\n        return ctx.dense\n")
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    for mod in ("advprune_user_methods.a_helper", "advprune_user_methods.mine"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    registry.load_dir(tmp_path)
+    from pytest_advprune.session import method_code_digest
+
+    cls = registry.get("mine_for_digest")
+    cache_mod._closure_digest.cache_clear()
+    before = method_code_digest(cls)
+    real = cache_mod.module_source
+    monkeypatch.setattr(cache_mod, "module_source",
+                        lambda n: real(n).replace("1 - s", "0.5 - s") if n == "advprune_user_methods.a_helper" else real(n))
+    cache_mod._closure_digest.cache_clear()
+    try:
+        assert method_code_digest(cls) != before
+    finally:
+        cache_mod._closure_digest.cache_clear()
+
+
+def test_code_digest_does_not_depend_on_what_is_imported_yet(tmp_path):
+    """A package whose __init__ imports relatively: same digest in a fresh process whether or not the
+    package was imported before the digest (import order must not change keys), and an edit of the
+    module it imports re-keys."""
+    pkg = tmp_path / "acme_digest"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .core import f\n")
+    (pkg / "core.py").write_text("def f():\n    return 1\n")
+    code = ("import sys; sys.path.insert(0, {p!r}){pre}; from pytest_advprune.cache import code_digest; "
+            "print(code_digest('acme_digest'))")
+
+    def run(pre=""):
+        out = subprocess.run([sys.executable, "-c", code.format(p=str(tmp_path), pre=pre)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    fresh, imported = run(), run("; import acme_digest")
+    assert fresh == imported
+    (pkg / "core.py").write_text("def f():\n    return 2\n")
+    assert run() != fresh
+
+
 def test_every_cache_key_covers_the_code_that_builds_its_artefact(tmp_path, monkeypatch):
-    """An edit of the training, ADMM, attack, FMN or indicator code re-keys exactly the artefacts it builds."""
+    """An edit of the training, data, model, ADMM, attack, FMN or indicator code re-keys exactly the artefacts it builds."""
     from pytest_advprune import cache as cache_mod, presets, registry
     from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
 
@@ -468,8 +531,7 @@ def test_every_cache_key_covers_the_code_that_builds_its_artefact(tmp_path, monk
     def keys():
         cache_mod._closure_digest.cache_clear()
         return {"dense": session.dense_key("cnn"), "radmm": session.pruned_key(radmm), "hydra": session.pruned_key(hydra),
-                "eval": session.eval_key("w"), "fmn": cache_mod.code_digest("pytest_advprune.fmn"),
-                "indicators": cache_mod.code_digest("pytest_advprune.indicators")}
+                "eval": session.eval_key("w"), "fmn": session.fmn_key("w"), "indicators": session.indicators_key("e", "s")}
 
     def edited(module):
         monkeypatch.setattr(cache_mod, "module_source", lambda n: real(n) + "\nEDITED = 1\n" if n == module else real(n))
@@ -481,6 +543,8 @@ def test_every_cache_key_covers_the_code_that_builds_its_artefact(tmp_path, monk
     base = keys()
     expect = {
         "pytest_advprune.training": {"dense", "radmm", "hydra"},
+        "pytest_advprune.data": {"dense", "radmm", "hydra", "eval", "fmn", "indicators"},  # the test split's loader
+        "pytest_advprune.models": {"dense", "radmm", "hydra", "eval", "fmn", "indicators"},  # the forward pass
         "pytest_advprune.admm": {"radmm"},
         "pytest_advprune.methods.hydra": {"hydra"},
         "pytest_advprune.fmn": {"eval", "fmn", "indicators"},
