@@ -100,8 +100,8 @@ class PwoA(Method):
     )
     structures = ("weights", "filters")
     known_failures = {
-        # Control: the same two phases (distillation, then distillation + HSIC) on the dense model with
-        # no ADMM and no mask keep it at 85.5% clean / 71.6% APGD-CE (dense: 72.3), so the robustness
+        # Control (benchmarks/unpruned_control.py --method pwoa): the same phases at sparsity 0 keep the
+        # dense model at 85.4% clean / 71.8% robust (dense: 85.5 / 72.2; worst case), so the robustness
         # is lost to the pruning, and clean-input distillation does not win it back.
         f"quick:{cell}": "PwoA never sees an adversarial example: self-distillation on clean inputs keeps the clean "
         f"accuracy but not the robustness the pruning removes ({numbers} clean / robust, floors {floors}); the survey's "
