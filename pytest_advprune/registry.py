@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.machinery
 import importlib.util
 import pkgutil
 import sys
@@ -163,22 +164,37 @@ def load_builtin() -> None:
         ep.load()
 
 
+USER_PACKAGE = "advprune_user_methods"
+
+
 def load_dir(path: str | Path) -> list[str]:
     """Import every ``*.py`` in ``path`` as a method module; return the names it registered.
 
-    Raises AdvPruneError if ``path`` is not a folder or a module fails to import.
+    The folder is the package ``advprune_user_methods``, so a method file imports a helper beside
+    it as ``from .helper import f`` or ``from advprune_user_methods.helper import f``, whatever the
+    file names' order; each file is imported once. Raises AdvPruneError if ``path`` is not a folder
+    or a module fails to import.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise AdvPruneError(f"--advprune-methods-dir={path}: not a folder; pass a folder of method files")
+    package = sys.modules.get(USER_PACKAGE)
+    if package is None:
+        package = sys.modules[USER_PACKAGE] = importlib.util.module_from_spec(
+            importlib.machinery.ModuleSpec(USER_PACKAGE, None, is_package=True))
+        package.__path__ = []
+    where = str(folder.resolve())
+    package.__path__[:] = [where] + [p for p in package.__path__ if p != where]
+    files = sorted(folder.glob("*.py"))
+    for file in files:  # a same-named file of another folder loaded earlier must not stand in for this one
+        loaded = sys.modules.get(f"{USER_PACKAGE}.{file.stem}")
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != file.resolve():
+            del sys.modules[loaded.__name__]
+    importlib.invalidate_caches()
     before = set(_REGISTRY)
-    for file in sorted(folder.glob("*.py")):
-        mod_name = f"advprune_user_methods.{file.stem}"
-        spec = importlib.util.spec_from_file_location(mod_name, file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
+    for file in files:
         try:
-            spec.loader.exec_module(module)
+            importlib.import_module(f"{USER_PACKAGE}.{file.stem}")
         except AdvPruneError as exc:
             raise type(exc)(f"{file}: {exc}") from exc
         except Exception as exc:

@@ -314,3 +314,45 @@ def test_builtin_method_is_a_method_with_prune(name, cls):
     assert cls.prune is not Method.prune, f"{name} does not implement prune"
     assert cls.__module__.startswith("pytest_advprune.methods.")
     assert Path(sys.modules[cls.__module__].__file__).parent.name == "methods"
+
+
+USER_METHOD = '''
+{imports}
+from pytest_advprune.registry import Criterion, Locality, Method, Pipeline, Schedule, Taxonomy, register
+
+
+@register
+class Sibling(Method):
+    name = "sibling_user"
+    taxonomy = Taxonomy(paper="Doe", pipeline=Pipeline.AFTER, step1="AT", step2="AT", schedule=Schedule.ONE_SHOT,
+                        locality=Locality.LOCAL, criterion=Criterion.LWM)
+    structures = ("weights",)
+    keep = staticmethod(keep)
+
+    def prune(self, ctx):
+        return ctx.dense
+'''
+
+
+@pytest.mark.parametrize("helper", ["a_helper", "zz_helper"])  # sorts before / after the method file
+@pytest.mark.parametrize("imports", [
+    "from .{helper} import keep",
+    "from advprune_user_methods.{helper} import keep",
+    "import advprune_user_methods.{helper} as h\nkeep = h.keep",
+])
+def test_a_method_file_imports_a_helper_beside_it_in_any_form_and_order(isolated, tmp_path, helper, imports):
+    (tmp_path / f"{helper}.py").write_text(f"def keep(s):\n    return 1 - s  # {helper}\n")
+    (tmp_path / "method.py").write_text(USER_METHOD.format(imports=imports.format(helper=helper)))
+    assert registry.load_dir(tmp_path) == ["sibling_user"]
+    assert registry.get("sibling_user").keep(0.25) == 0.75
+
+
+def test_a_second_folder_with_the_same_file_names_is_loaded_from_its_own_files(isolated, tmp_path):
+    for n, value in ((1, "1 - s"), (2, "2 - s")):
+        folder = tmp_path / f"dir{n}"
+        folder.mkdir()
+        (folder / "a_helper.py").write_text(f"def keep(s):\n    return {value}\n")
+        (folder / "method.py").write_text(USER_METHOD.format(imports="from .a_helper import keep").replace(
+            '"sibling_user"', f'"sibling_user{n}"'))
+        assert registry.load_dir(folder) == [f"sibling_user{n}"]
+        assert registry.get(f"sibling_user{n}").keep(0) == n
