@@ -258,9 +258,16 @@ def _cell_text(rec: dict | None, best: bool, markdown: bool) -> str:
     return f"{text} {rec['status']}"
 
 
+def ranked(rec: dict) -> bool:
+    """Whether a record competes for a column's best: it has a robust accuracy and did not miss its
+    sparsity target (a model less sparse than claimed must not win the column)."""
+    return "robust_acc" in rec and (rec.get("checks") or {}).get("sparsity") != "failed"
+
+
 def leaderboard_tables(doc: dict, markdown: bool = True) -> list[tuple[str, str]]:
     """``(title, table)`` per (dataset, structure): one row per method, columns arch x sparsity,
-    cells ``clean / robust`` with the best robust accuracy per column in bold. The dense
+    cells ``clean / robust`` with the best robust accuracy per column in bold (among the records
+    that met their sparsity target, :func:`ranked`). The dense
     reference appears in every table in its own ``dense`` column (no sparsity to claim)."""
     recs = doc["records"]
     fmt = "github" if markdown else "simple"
@@ -280,7 +287,7 @@ def leaderboard_tables(doc: dict, markdown: bool = True) -> list[tuple[str, str]
             best = {}
             for col in cols:
                 vals = [by[(m, *col)]["robust_acc"]["worst_case"] for m in {r["method"] for r in table_recs}
-                        if (m, *col) in by and "robust_acc" in by[(m, *col)]]
+                        if (m, *col) in by and ranked(by[(m, *col)])]
                 best[col] = max(vals) if vals else None
             methods = sorted({r["method"] for r in table_recs}, key=lambda m: (m != "dense", m))
             body = []
@@ -288,7 +295,7 @@ def leaderboard_tables(doc: dict, markdown: bool = True) -> list[tuple[str, str]
                 row = [m]
                 for col in cols:
                     rec = by.get((m, *col))
-                    is_best = rec is not None and "robust_acc" in rec and rec["robust_acc"]["worst_case"] == best[col]
+                    is_best = rec is not None and ranked(rec) and rec["robust_acc"]["worst_case"] == best[col]
                     row.append(_cell_text(rec, is_best and col[1] != 0, markdown))
                 body.append(row)
             headers = ["method"] + [f"{a} dense" if s == 0 else f"{a} {s}%" for a, s in cols]
@@ -304,13 +311,13 @@ def _table_title(dataset: str, structure: str) -> str:
 def mcnemar_notes(doc: dict, alpha: float = 0.05) -> dict[str, str]:
     """``{leaderboard table title: note}``: per column (arch, sparsity) of each table, the methods whose
     robust accuracy McNemar's test (:mod:`pytest_advprune.stats`, Holm-corrected within the column)
-    does not tell apart from the column's best at ``alpha``. Uses the records' per-point robust flags;
-    columns with fewer than two such records are left out."""
+    does not tell apart from the column's best at ``alpha``. Uses the records' per-point robust flags
+    of the :func:`ranked` records; columns with fewer than two such records are left out."""
     from .stats import ties_with_best
 
     by_table: dict[str, list[str]] = {}
     usable = [r for r in doc["records"] if r["status"] not in ("SKIP", "ERROR") and (r.get("per_point") or {}).get("robust")
-              and r["structure"] != "dense"]
+              and r["structure"] != "dense" and ranked(r)]
     for dataset, structure, arch, sparsity in sorted({(r["dataset"], r["structure"], r["arch"], r["target_sparsity"])
                                                       for r in usable}):
         col = [r for r in usable if (r["dataset"], r["structure"], r["arch"], r["target_sparsity"]) ==
@@ -488,7 +495,7 @@ def render_markdown(doc: dict) -> str:
         if title in notes:
             lines += [notes[title], ""]
     lines += ["Cells read `clean / robust` accuracy in percent on the evaluation points; robust is the point-wise "
-              "worst case over the preset's attacks; the best robust accuracy per column is bold; PASS/FAIL is the "
+              "worst case over the preset's attacks; the best robust accuracy per column is bold (among cells that met their sparsity target); PASS/FAIL is the "
               "cell's conformance verdict (sparsity, clean and robust floors); XFAIL is a failure the method declares as "
               "known (reason in the detail table).", ""]
     survey = _survey_table(doc)

@@ -269,6 +269,17 @@ def test_ties_for_best_are_all_bold():
     assert col == {"hydra": "**70.0 / 40.0** PASS", "lwm": "**75.0 / 40.0** PASS", "random": "80.0 / 39.0 PASS"}
 
 
+def test_a_cell_that_missed_its_sparsity_target_is_never_the_columns_best():
+    """A less sparse model than claimed wins robustness for free: it is shown, not ranked (bold or paired test)."""
+    missed = {"sparsity": "failed", "clean": "passed", "robust": "passed"}
+    cheat, honest = "1" * 70 + "0" * 30, "1" * 40 + "0" * 60
+    doc = document([_paired("dense_ish", cheat, 90) | {"status": "FAIL", "checks": missed, "achieved_sparsity": 0.5},
+                    _paired("hydra", honest, 90), _paired("lwm", honest[:-1] + "0", 90)])
+    col = column(tables(report.render_markdown(doc))[lb_title("cifar10", "weights")], "resnet18 90%")
+    assert col["dense_ish"] == "80.0 / 70.0 FAIL" and col["hydra"].startswith("**")
+    assert "resnet18 90%: best hydra" in report.mcnemar_notes(doc)[lb_title("cifar10", "weights")]
+
+
 def test_dense_reference_is_in_its_own_column_of_every_table_and_never_under_a_sparsity():
     doc = _mixed_doc()
     tabs = tables(report.render_markdown(doc))
