@@ -236,6 +236,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "advprune: a conformance test of pytest-advprune")
+    method = config.getoption("advprune_method")
+    if method is not None and not method.strip():  # e.g. --advprune-method=$UNSET_VARIABLE
+        raise pytest.UsageError("--advprune-method is empty; give a method name, a comma list or 'all' "
+                                "(pytest --advprune-list shows them)")
     config.stash[_BASELINE] = _compare_baseline(config)
     if _active(config):
         config.stash[_SESSION] = _build_session(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,17 @@ class ReportMismatch(AdvPruneError):
 
 
 def check_target(md_path: Path, preset: str) -> None:
-    """Raise :class:`ReportMismatch` if the JSON beside ``md_path`` holds another preset's records."""
-    json_path = Path(md_path).with_suffix(".json")
+    """Raise :class:`ReportMismatch` if the JSON beside ``md_path`` holds another preset's records, or
+    if the report cannot be written there (a file where a folder should be, no write permission),
+    so a run fails before any cell is computed rather than after all of them."""
+    md_path = Path(md_path)
+    folder = next(p for p in (md_path.parent, *md_path.parent.parents) if p.exists())
+    if not folder.is_dir():
+        raise ReportMismatch(f"--advprune-report={md_path}: {folder} is a file, not a folder; pass a report path "
+                             "in a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ReportMismatch(f"--advprune-report={md_path}: {folder} is not writable; pass a report path you can write")
+    json_path = md_path.with_suffix(".json")
     try:
         held = json.loads(json_path.read_text()).get("preset")
     except (OSError, ValueError, AttributeError):

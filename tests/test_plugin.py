@@ -269,6 +269,20 @@ def test_bad_option_is_a_usage_error(advprune, option, fragment):
     assert not advprune.report_json.exists()
 
 
+def test_empty_method_option_is_a_usage_error_not_the_projects_own_tests(advprune):
+    for value in ("", " "):
+        result = advprune.inprocess(f"--advprune-method={value}")
+        assert result.ret == USAGE
+        assert "--advprune-method is empty; give a method name" in single_error_line(result)
+
+
+def test_a_report_path_that_cannot_be_written_fails_before_any_cell(advprune):
+    (advprune.pytester.path / "afile").write_text("not a folder\n")
+    result = advprune.inprocess("--advprune-method=hydra", "--advprune-report=afile/sub/x.md")
+    assert result.ret == USAGE
+    assert "afile is a file, not a folder; pass a report path in a folder" in single_error_line(result)
+
+
 def test_methods_dir_not_a_folder(advprune):
     (advprune.pytester.path / "notafolder.py").write_text("x = 1\n")
     for target in ("notafolder.py", "does-not-exist"):
