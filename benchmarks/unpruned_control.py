@@ -8,7 +8,7 @@ the dense model's robust accuracy while the pruned cells lose it says the prunin
 method's loss, costs the robustness (e.g. PwoA's clean-input distillation at quick 90%).
 
     python benchmarks/unpruned_control.py --method pwoa [--cells weights-90,filters-75] [--preset quick]
-                                          [--cache-dir DIR] [--device auto] [--out reports/benchmarks]
+                                          [--methods-dir DIR] [--cache-dir DIR] [--device auto] [--out reports/benchmarks]
 
 Writes ``<out>/unpruned_control_<method>_<preset>.json``; trains and evaluates what is not cached
 (the control model is not cached; its FMN run is, by its weights). The last line is the headline: the control's robust
@@ -28,9 +28,20 @@ from tabulate import tabulate
 
 from pytest_advprune import presets, registry
 from pytest_advprune.cache import default_dir
+from pytest_advprune.errors import AdvPruneError
 from pytest_advprune.evaluate import check_finite, evaluate, with_fmn
 from pytest_advprune.session import AdvPruneSession, Cell, PruneContext, RunConfig, versions
 from pytest_advprune.sparsity import measure
+
+
+def _cell(spec: str, structures: list[str]) -> tuple[str, int]:
+    """``(structure, sparsity %)`` of a ``STRUCTURE-SPARSITY`` spec such as ``weights-90``; SystemExit
+    with the fix when it is malformed or names a structure the method does not prune."""
+    structure, _, sparsity = spec.strip().rpartition("-")
+    if structure not in structures or not sparsity.isdigit() or not 0 < int(sparsity) < 100:
+        raise SystemExit(f"--cells: {spec!r} is not STRUCTURE-SPARSITY with a structure of this method "
+                         f"({', '.join(structures)}) and a sparsity in percent, e.g. {structures[0]}-90")
+    return structure, int(sparsity)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,28 +49,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", required=True)
     ap.add_argument("--cells", default="", help="STRUCTURE-SPARSITY cells of the method to show beside it, comma list")
     ap.add_argument("--preset", default="quick")
+    ap.add_argument("--methods-dir", default=None, help="a folder of method files, as --advprune-methods-dir")
     ap.add_argument("--cache-dir", default=str(default_dir()))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="reports/benchmarks")
     args = ap.parse_args(argv)
 
-    registry.load_builtin()
-    preset = presets.get(args.preset)
-    cls = registry.get(args.method)
-    session = AdvPruneSession(RunConfig(preset, ["dense", args.method], device=args.device, cache_dir=args.cache_dir),
-                              log=print)
+    try:
+        registry.load_builtin()
+        if args.methods_dir:
+            registry.load_dir(args.methods_dir)
+        preset = presets.get(args.preset)
+        cls = registry.get(args.method)
+        structures = [s for s in cls.structures if s != "dense"]
+        if not structures:
+            raise SystemExit(f"{args.method} prunes nothing (structures {cls.structures}): no control to run; "
+                             "pass a pruning method")
+        cells = [_cell(spec, structures) for spec in filter(None, args.cells.split(","))]
+        session = AdvPruneSession(RunConfig(preset, ["dense", args.method], device=args.device,
+                                            cache_dir=args.cache_dir), log=print)
+    except AdvPruneError as exc:
+        raise SystemExit(str(exc)) from None
     arch = preset.archs[0]
     rows = {"dense": session.result(Cell("dense", preset.dataset, arch, "dense", 0))}
-    for spec in filter(None, args.cells.split(",")):
-        structure, sparsity = spec.rsplit("-", 1)
-        rows[spec] = session.result(Cell(args.method, preset.dataset, arch, structure, int(sparsity)))
+    for structure, sparsity in cells:
+        rows[f"{structure}-{sparsity}"] = session.result(Cell(args.method, preset.dataset, arch, structure, sparsity))
     for name, res in rows.items():
-        if res.error:
-            raise SystemExit(f"could not build {name}: {res.error}")
+        if res.error or res.evaluation is None:
+            raise SystemExit(f"could not build {name}: {res.error or res.skip_reason or 'not evaluated'}")
 
     x_train, y_train = session._split(True)
     x, y = session._split(False)
-    structure = next(s for s in cls.structures if s != "dense")
+    structure = structures[0]
     ctx = PruneContext(copy.deepcopy(session.dense_model(arch)), structure, 0.0, preset, x_train, y_train,
                        session.device, preset.seed, lambda s: print(f"[control] {s}"), arch=arch)
     t0 = time.perf_counter()

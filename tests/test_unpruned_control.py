@@ -46,3 +46,19 @@ def test_control_refuses_a_method_that_prunes_regardless_of_its_target(dense_cac
     with pytest.raises(SystemExit, match="lwm at sparsity 0 left 50.0% of the weights at zero"):
         _script().main(["--method", "lwm", "--preset", "smoke", "--cache-dir", str(cache), "--device", "cpu",
                         "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nosuch"], "unknown method 'nosuch'"),
+    (["--method", "dense"], "dense prunes nothing"),
+    (["--method", "lwm", "--cells", "foo"], "--cells: 'foo' is not STRUCTURE-SPARSITY"),
+    (["--method", "hydra", "--cells", "filters-50"], "--cells: 'filters-50' is not STRUCTURE-SPARSITY with a structure "
+                                                     "of this method (weights)"),
+    (["--method", "lwm", "--preset", "nope"], "unknown preset 'nope'"),
+    (["--method", "lwm", "--methods-dir", "/nonexistent"], "not a folder"),
+])
+def test_bad_input_is_one_line_before_anything_is_built(tmp_path, args, message):
+    with pytest.raises(SystemExit) as info:
+        _script().main([*args, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out", str(tmp_path)])
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "cache").exists()
