@@ -372,11 +372,15 @@ class AdvPruneSession:
         return self._dense[arch]
 
     def _cached_dense(self, arch: str) -> nn.Module | None:
-        """The preset's dense model for ``arch`` if already loaded or cached, else None (never trains it)."""
+        """The preset's dense model for ``arch`` if already loaded or cached, else None: never trains
+        one that was never built, but rebuilds a cached one found corrupt (the cache deletes it)."""
         if arch not in self._dense:
-            hit = self.cache.load_state("dense", self.dense_key(arch))
-            if hit is None:
+            key = self.dense_key(arch)
+            if not self.cache.has("dense", key):
                 return None
+            hit = self.cache.load_state("dense", key)
+            if hit is None:
+                return self.dense_model(arch)
             model = models.build(arch, self.preset.dataset, self.preset.seed)
             model.load_state_dict(hit[0], strict=True)
             self._dense[arch] = model.to(self.device).eval()

@@ -555,3 +555,24 @@ def test_every_cache_key_covers_the_code_that_builds_its_artefact(tmp_path, monk
         new = edited(module)
         assert {k for k in base if new[k] != base[k]} == rekeyed, module
     assert keys() == base
+
+
+def test_a_corrupt_cached_dense_model_is_rebuilt_when_needed_as_the_transfer_source(dense_cache, tmp_path):
+    """The transfer indicator's source: a dense model never built stays unbuilt (None), but one found
+    corrupt is deleted and rebuilt, as the log says, instead of silently dropping the indicator."""
+    import shutil
+
+    from pytest_advprune import presets, registry
+    from pytest_advprune.session import AdvPruneSession, RunConfig
+
+    registry.load_builtin()
+    assert AdvPruneSession(RunConfig(presets.get("smoke"), ["lwm"], cache_dir=str(tmp_path / "empty"),
+                                     device="cpu"))._cached_dense("cnn") is None
+    cache = shutil.copytree(dense_cache, tmp_path / "cache")
+    session = AdvPruneSession(RunConfig(presets.get("smoke"), ["lwm"], cache_dir=str(cache), device="cpu"))
+    (entry,) = (cache / "dense").glob(f"{session.dense_key('cnn')}.safetensors")
+    corrupt_flip(entry, 200)
+    model = session._cached_dense("cnn")
+    assert model is not None and entry.exists()
+    assert AdvPruneSession(RunConfig(presets.get("smoke"), ["lwm"], cache_dir=str(cache),
+                                     device="cpu"))._cached_dense("cnn") is not None
