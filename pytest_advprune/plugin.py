@@ -242,7 +242,13 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "(pytest --advprune-list shows them)")
     config.stash[_BASELINE] = _compare_baseline(config)
     if _active(config):
-        config.stash[_SESSION] = _build_session(config)
+        from .errors import AdvPruneError
+
+        session = config.stash[_SESSION] = _build_session(config)
+        try:
+            session.check_data()
+        except AdvPruneError as exc:
+            raise pytest.UsageError(str(exc)) from None
         if config.args_source != pytest.Config.ArgsSource.ARGS:
             config.args = [str(SUITE)]
 

@@ -341,6 +341,13 @@ class AdvPruneSession:
 
     # ---------------------------------------------------------------- building
 
+    def check_data(self) -> None:
+        """Load the test split now if any cell will run, so a missing dataset is one error before any
+        cell (:class:`~pytest_advprune.errors.DatasetNotFound`), not an ERROR replacing every cell's
+        earlier result in the report."""
+        if any(self.skip_reason(c) is None for c in self.cells()):
+            self._split(False)
+
     def _split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if train not in self._data:
             p = self.preset

@@ -283,6 +283,25 @@ def test_a_report_path_that_cannot_be_written_fails_before_any_cell(advprune):
     assert "afile is a file, not a folder; pass a report path in a folder" in single_error_line(result)
 
 
+def test_a_missing_dataset_is_one_usage_error_and_the_report_keeps_its_results(advprune, monkeypatch, tmp_path):
+    from pytest_advprune import data
+
+    advprune.report_json.parent.mkdir(parents=True, exist_ok=True)
+    advprune.report_json.write_text('{"preset": "smoke", "records": []}')
+    before = advprune.report_json.read_bytes()
+    monkeypatch.setattr(data, "candidate_dirs", lambda name, data_dir: [tmp_path / "nowhere"])
+
+    def offline(name, root, train):
+        raise OSError("no internet in this test")
+
+    monkeypatch.setattr(data, "_download", offline)
+    result = advprune.inprocess("--advprune-method=hydra")
+    assert result.ret == USAGE
+    line = single_error_line(result)
+    assert "dataset fashion_mnist (test split) not found" in line and "--advprune-data-dir" in line
+    assert advprune.report_json.read_bytes() == before
+
+
 def test_methods_dir_not_a_folder(advprune):
     (advprune.pytester.path / "notafolder.py").write_text("x = 1\n")
     for target in ("notafolder.py", "does-not-exist"):
