@@ -102,12 +102,16 @@ def _build_session(config: pytest.Config):
         if checkpoint and checkpoint.dataset != preset.dataset:
             raise pytest.UsageError(f"--advprune-dataset={checkpoint.dataset} does not match preset {preset.name} "
                                     f"({preset.dataset}); use --advprune-preset={default}")
+        data_dir = _opt(config, "data-dir")
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise pytest.UsageError(f"--advprune-data-dir={data_dir}: no such folder; pass the folder that holds the "
+                                    "dataset in torchvision's format, or leave the option out")
         report = _opt(config, "report") or config.rootpath / "reports" / f"{preset.name}.md"
         check_target(Path(report), preset.name)
         run = RunConfig(
             preset=preset, methods=[] if checkpoint else registry.resolve(_opt(config, "method")),
             checkpoint=checkpoint, device=_device(config),
-            data_dir=_opt(config, "data-dir"), cache_dir=str(cache), report_path=str(report),
+            data_dir=data_dir, cache_dir=str(cache), report_path=str(report),
             min_clean=_percent(config, "min-clean"), min_robust=_percent(config, "min-robust"),
             sparsity_tol=_percent(config, "sparsity-tol"),
         )
@@ -146,6 +150,11 @@ def _checkpoint_spec(config: pytest.Config):
 
     path = _opt(config, "checkpoint")
     if not path:
+        given = [f"--advprune-{n}" for n in ("arch", "dataset", "sparsity", "structure", "normalization", "name")
+                 if config.getoption("advprune_" + n) is not None]
+        if given:
+            raise pytest.UsageError(f"{', '.join(given)} only apply to --advprune-checkpoint=PATH; give a checkpoint, "
+                                    "or drop them (a method grid takes its sparsities from the preset)")
         return None
     arch, dataset, sparsity = _opt(config, "arch"), _opt(config, "dataset"), _opt(config, "sparsity")
     structure, normalization = _opt(config, "structure"), _opt(config, "normalization")

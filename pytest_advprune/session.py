@@ -412,6 +412,9 @@ class AdvPruneSession:
             )
             t0 = time.perf_counter()
             pruned = cls().prune(ctx)
+            if not isinstance(pruned, nn.Module):
+                raise TypeError(f"{cell.method}.prune returned {type(pruned).__name__}, not the pruned model; "
+                                "return the nn.Module (e.g. ctx.dense after pruning it)")
             check_finite(pruned)
             return pruned.state_dict(), {"prune_s": time.perf_counter() - t0, "budget": ctx.budget()}
 

@@ -256,6 +256,10 @@ def test_unknown_method_is_a_usage_error_listing_the_names(advprune):
                      id="robust-over"),
         pytest.param("--advprune-min-clean=-1", "--advprune-min-clean=-1: must be a percentage", id="clean-negative"),
         pytest.param("--advprune-sparsity-tol=x", "--advprune-sparsity-tol=x: not a number", id="tol-nan"),
+        pytest.param("--advprune-sparsity=90", "--advprune-sparsity only apply to --advprune-checkpoint=PATH",
+                     id="sparsity-without-checkpoint"),
+        pytest.param("--advprune-data-dir=/nonexistent", "--advprune-data-dir=/nonexistent: no such folder",
+                     id="data-dir-missing"),
     ],
 )
 def test_bad_option_is_a_usage_error(advprune, option, fragment):

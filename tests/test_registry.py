@@ -356,3 +356,14 @@ def test_a_second_folder_with_the_same_file_names_is_loaded_from_its_own_files(i
             '"sibling_user"', f'"sibling_user{n}"'))
         assert registry.load_dir(folder) == [f"sibling_user{n}"]
         assert registry.get(f"sibling_user{n}").keep(0) == n
+
+
+def test_a_prune_that_returns_no_model_is_a_one_line_cell_error(isolated, dense_cache):
+    from pytest_advprune import presets
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
+
+    registry.register(make(name="returns_none", prune=lambda self, ctx: None))
+    session = AdvPruneSession(RunConfig(presets.get("smoke"), ["returns_none"], cache_dir=str(dense_cache), device="cpu"))
+    res = session.result(Cell("returns_none", "fashion_mnist", "cnn", "weights", 90), evaluated=False)
+    assert "returns_none.prune returned NoneType, not the pruned model; return the nn.Module" in res.error
+    assert "\n" not in res.error
