@@ -113,6 +113,9 @@ def test_methods_folder_holds_method_files():
 
 @pytest.mark.parametrize("path", METHOD_FILES, ids=[p.stem for p in METHOD_FILES])
 def test_every_method_file_registers_exactly_one_method(path, monkeypatch):
+    # Built-ins first: a method file importing another (flyingbird_plus -> flyingbird) must not register
+    # that one into the empty registry below, nor leave it imported but unregistered afterwards.
+    registry.load_builtin()
     monkeypatch.setattr(registry, "_REGISTRY", {})
     mod_name = f"_advprune_repository_check_{path.stem}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
