@@ -196,14 +196,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-# An evaluated artefact also depends on the test split's loading and on the built-in models' forward.
+# A trained model depends on the training loop and the built-in models; an evaluated artefact on
+# the test split's loading and the models' forward.
+_TRAINING_CODE = (f"{PACKAGE}.training", f"{PACKAGE}.models")
 _SPLIT_AND_FORWARD = (f"{PACKAGE}.data", f"{PACKAGE}.models")
 
 
 def method_code_digest(cls: type) -> str:
     """:func:`~pytest_advprune.cache.code_digest` of a method class's module, with the engine a
     method trains through (``PruneContext.train``, ``fresh_model``): its pruned models' code key."""
-    return code_digest(cls.__module__, f"{PACKAGE}.training", f"{PACKAGE}.models")
+    return code_digest(cls.__module__, *_TRAINING_CODE)
 
 
 def load_checkpoint_model(spec: CheckpointSpec, seed: int = 0) -> nn.Module:
@@ -310,7 +312,7 @@ class AdvPruneSession:
         dense training, the architecture, the training augmentation and the training code."""
         p = self.preset
         return digest({"kind": "dense", "preset": p.fingerprint("dataset", "n_train", "eps", "seed", "dense_train"), "arch": arch,
-                       "code": code_digest(f"{PACKAGE}.training", f"{PACKAGE}.models"), **self._augmentation()})
+                       "code": code_digest(*_TRAINING_CODE), **self._augmentation()})
 
     def pruned_key(self, cell: Cell) -> str:
         """Cache key of ``cell``'s pruned model (kind ``pruned``): cell, method and engine code
@@ -381,17 +383,9 @@ class AdvPruneSession:
     def _cached_dense(self, arch: str) -> nn.Module | None:
         """The preset's dense model for ``arch`` if already loaded or cached, else None: never trains
         one that was never built, but rebuilds a cached one found corrupt (the cache deletes it)."""
-        if arch not in self._dense:
-            key = self.dense_key(arch)
-            if not self.cache.has("dense", key):
-                return None
-            hit = self.cache.load_state("dense", key)
-            if hit is None:
-                return self.dense_model(arch)
-            model = models.build(arch, self.preset.dataset, self.preset.seed)
-            model.load_state_dict(hit[0], strict=True)
-            self._dense[arch] = model.to(self.device).eval()
-        return self._dense[arch]
+        if arch not in self._dense and not self.cache.has("dense", self.dense_key(arch)):
+            return None
+        return self.dense_model(arch)
 
     def _pruned(self, cell: Cell) -> tuple[nn.Module, dict]:
         p = self.preset
