@@ -11,7 +11,7 @@ method's loss, costs the robustness (e.g. PwoA's clean-input distillation at qui
                                           [--methods-dir DIR] [--cache-dir DIR] [--device auto] [--out reports/benchmarks]
 
 Writes ``<out>/unpruned_control_<method>_<preset>.json``; trains and evaluates what is not cached
-(the control model is not cached; its FMN run is, by its weights). The last line is the headline: the control's robust
+(the control model is not cached; its evaluation and FMN run are, by its weights). The last line is the headline: the control's robust
 accuracy minus the dense model's, in points.
 """
 
@@ -29,8 +29,8 @@ from tabulate import tabulate
 from pytest_advprune import presets, registry
 from pytest_advprune.cache import default_dir
 from pytest_advprune.errors import AdvPruneError
-from pytest_advprune.evaluate import check_finite, evaluate, with_fmn
-from pytest_advprune.session import AdvPruneSession, Cell, PruneContext, RunConfig, versions
+from pytest_advprune.evaluate import check_finite
+from pytest_advprune.session import AdvPruneSession, Cell, CellResult, PruneContext, RunConfig, versions
 from pytest_advprune.sparsity import measure
 
 
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"could not build {name}: {res.error or res.skip_reason or 'not evaluated'}")
 
     x_train, y_train = session._split(True)
-    x, y = session._split(False)
     structure = structures[0]
     ctx = PruneContext(copy.deepcopy(session.dense_model(arch)), structure, 0.0, preset, x_train, y_train,
                        session.device, preset.seed, lambda s: print(f"[control] {s}"), arch=arch)
@@ -91,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     if measured > 0.001:
         raise SystemExit(f"{args.method} at sparsity 0 left {100 * measured:.1f}% of the {structure} at zero: "
                          "no control; the method prunes regardless of its target")
-    evaluation = evaluate(control, x, y, preset, session.device, log=print)
-    if preset.fmn is not None:
-        fmn = session._fmn(control, session.model_identity(control, arch), print)
-        evaluation = with_fmn(evaluation, fmn, preset.eps)
+    # the suite's own evaluation path (attacks, then FMN), keyed by the control's weights
+    res = CellResult(Cell(args.method, preset.dataset, arch, structure, 0), None, None, 0.0, model=control)
+    session._build_evaluation(res)
+    evaluation = res.evaluation
 
     accs = {name: (res.evaluation.clean.acc, res.evaluation.robust.acc) for name, res in rows.items()}
     accs[f"{args.method} at 0% ({structure})"] = (evaluation.clean.acc, evaluation.robust.acc)
     print(tabulate([[n, f"{100 * c:.1f}", f"{100 * r:.1f}"] for n, (c, r) in accs.items()],
                    headers=["model", "clean (%)", "robust (%, worst case)"], tablefmt="github"))
-    record = {"method": args.method, "preset": preset.name, "n_points": len(y), "eps": preset.eps,
+    record = {"method": args.method, "preset": preset.name, "n_points": evaluation.clean.n, "eps": preset.eps,
               "device": str(session.device), "versions": versions(), "control_structure": structure,
               "control_budget_epochs": ctx.budget(), "control_prune_s": prune_s,
               "control_sparsity": measured,
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"unpruned_control_{args.method}_{preset.name}.json").write_text(json.dumps(record, indent=2))
     delta = 100 * (evaluation.robust.acc - rows["dense"].evaluation.robust.acc)
-    print(f"control robust - dense robust: {delta:+.1f} points ({len(y)} points)")
+    print(f"control robust - dense robust: {delta:+.1f} points ({evaluation.clean.n} points)")
     return 0
 
 
