@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,22 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_a_new_file_the_umask_default_and_keeps_an_existing_files_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        fresh = tmp_path / "fresh.md"
+        atomic_write_bytes(fresh, b"report")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+        kept = tmp_path / "kept.md"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        atomic_write_bytes(kept, b"new")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_bytes() == b"new"
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.parametrize("fail_at", ["replace", "fsync", "write"])
