@@ -140,22 +140,26 @@ def check_finite_state(state: dict[str, torch.Tensor], path: str | Path) -> None
             raise NonFiniteModel(f"checkpoint {path}: tensor {k!r} holds NaN or inf values; it cannot be evaluated")
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
-    """Strictly load ``state`` into ``model``; a mismatch raises :class:`CheckpointError` listing the
-    first missing and unexpected keys and shape mismatches (never a partly random model)."""
-    own = model.state_dict()
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading strictly where ``own`` (a model's state_dict) loads: the first
+    missing and unexpected keys and shape mismatches, in one line; empty when it fits."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {', '.join(shapes[:5])}")
-        raise CheckpointError(f"checkpoint {path} does not fit the architecture: {'; '.join(parts)}")
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            parts.append(f"{what} {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+    return "; ".join(parts)
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """Strictly load ``state`` into ``model``; a mismatch raises :class:`CheckpointError` naming ``path``
+    and listing the first missing and unexpected keys and shape mismatches (never a partly random model)."""
+    own = model.state_dict()
+    problem = state_mismatch(own, state)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} does not fit the architecture: {problem}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return model
 

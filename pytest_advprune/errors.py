@@ -23,3 +23,7 @@ class CorruptArtefact(AdvPruneError):
 
 class NonFiniteModel(AdvPruneError):
     """A model with NaN or inf weights, or that outputs NaN/inf logits."""
+
+
+class BadPrunedModel(AdvPruneError):
+    """A method's ``prune()`` returned a model whose weights do not fit its cell's architecture."""

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from . import __version__, compact, data, models, registry, report, speed
+from . import checkpoint as ckpt
 from .cache import PACKAGE, Cache, code_digest, digest, weights_digest
-from .errors import AdvPruneError, BadOption
+from .errors import AdvPruneError, BadOption, BadPrunedModel
 from .evaluate import Evaluation, check_finite, evaluate, with_fmn
 from .fmn import FMNResult, run_fmn
 from .presets import Preset
-from .sparsity import SparsityReport, measure
+from .sparsity import SparsityReport, dense_state_dict, fold_reparametrizations, measure
 from .training import TrainSpec, adversarial_train
 
 
@@ -212,8 +213,6 @@ def load_checkpoint_model(spec: CheckpointSpec, seed: int = 0) -> nn.Module:
     """The model of an external checkpoint, folded to plain weights with zeros, strictly loaded,
     in eval mode, float32. Raises :class:`~pytest_advprune.checkpoint.CheckpointError` or
     :class:`~pytest_advprune.errors.NonFiniteModel` with a one-line message naming the file."""
-    from . import checkpoint as ckpt
-
     state = ckpt.fold(ckpt.read_state_dict(spec.path), spec.sparsity / 100)
     ckpt.check_finite_state(state, spec.path)
     info = data.DATASETS[spec.dataset]
@@ -410,7 +409,12 @@ class AdvPruneSession:
                 raise TypeError(f"{cell.method}.prune returned {type(pruned).__name__}, not the pruned model; "
                                 "return the nn.Module (e.g. ctx.dense after pruning it)")
             check_finite(pruned)
-            return pruned.state_dict(), {"prune_s": time.perf_counter() - t0, "budget": ctx.budget()}
+            state = dense_state_dict(fold_reparametrizations(pruned))
+            problem = ckpt.state_mismatch(models.build(cell.arch, p.dataset, p.seed).state_dict(), state)
+            if problem:  # checked before caching, so the cache never holds a model that cannot load
+                raise BadPrunedModel(f"{cell.method}.prune returned a model that does not fit the {cell.arch} "
+                                     f"architecture: {problem}; prune ctx.dense in place and return it")
+            return state, {"prune_s": time.perf_counter() - t0, "budget": ctx.budget()}
 
         state, meta, _ = self.cache.state("pruned", key, build)
         model = models.build(cell.arch, p.dataset, p.seed)

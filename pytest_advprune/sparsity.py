@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
 
 STRUCTURES = ("weights", "filters", "channels")
 Masks = dict[str, torch.Tensor]
@@ -319,11 +320,27 @@ def bake_score_masks(model: nn.Module) -> Masks:
     return masks
 
 
+@torch.no_grad()
+def fold_reparametrizations(model: nn.Module) -> nn.Module:
+    """Replace, in place, every re-parametrised tensor of ``model`` by the tensor its forward pass uses,
+    and return ``model``: ``torch.nn.utils.prune`` hooks (``<p>_orig * <p>_mask``) and
+    ``torch.nn.utils.parametrize`` parametrisations (score masks included). What the model computes
+    is unchanged; afterwards :func:`dense_state_dict` holds plain weights with the pruned ones as zeros."""
+    for m in model.modules():
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                torch_prune.remove(m, hook._tensor_name)
+        if parametrize.is_parametrized(m):
+            for name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    return model
+
+
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A plain state_dict (no masks, no scores) with pruned weights as zeros; tensors on CPU, contiguous.
 
     Raises ValueError if the model still carries a parametrisation (score masks: bake them first).
     """
     if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise ValueError("model still has parametrised weights (score masks); bake them into plain weights first")
+        raise ValueError("model still has parametrised weights (score masks); bake them into plain weights first (fold_reparametrizations)")
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

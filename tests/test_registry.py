@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pytest_advprune import registry
 from pytest_advprune.errors import AdvPruneError, UnknownMethod
@@ -367,3 +368,61 @@ def test_a_prune_that_returns_no_model_is_a_one_line_cell_error(isolated, dense_
     res = session.result(Cell("returns_none", "fashion_mnist", "cnn", "weights", 90), evaluated=False)
     assert "returns_none.prune returned NoneType, not the pruned model; return the nn.Module" in res.error
     assert "\n" not in res.error
+
+
+def _torch_prune_global(self, ctx):
+    import torch.nn.utils.prune as torch_prune
+
+    layers = [(m, "weight") for m in ctx.dense.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    torch_prune.global_unstructured(layers, pruning_method=torch_prune.L1Unstructured, amount=ctx.sparsity)
+    return ctx.dense  # hooks left on: weight = weight_orig * weight_mask
+
+
+class _HalfMask(torch.nn.Module):
+    def forward(self, w):
+        return w * (torch.arange(w.numel()).reshape(w.shape) % 10 != 0)
+
+
+def _parametrized(self, ctx):
+    from torch.nn.utils import parametrize
+
+    for m in ctx.dense.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            parametrize.register_parametrization(m, "weight", _HalfMask())
+    return ctx.dense
+
+
+@pytest.mark.parametrize("prune, achieved", [(_torch_prune_global, 0.9), (_parametrized, 0.1)])
+def test_a_model_returned_with_pruning_reparametrizations_left_on_is_folded_to_plain_weights(isolated, dense_cache,
+                                                                                            prune, achieved):
+    from pytest_advprune import presets
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
+
+    name = f"leaves{prune.__name__}"  # one cache entry per way of pruning
+    registry.register(make(name=name, prune=prune))
+    session = AdvPruneSession(RunConfig(presets.get("smoke"), [name], cache_dir=str(dense_cache), device="cpu"))
+    cell = Cell(name, "fashion_mnist", "cnn", "weights", 90)
+    res = session.result(cell, evaluated=False)
+    assert res.error is None
+    assert res.sparsity.sparsity == pytest.approx(achieved, abs=0.002)
+    state, _ = session.cache.load_state("pruned", session.pruned_key(cell))
+    assert not any(k.endswith(("_orig", "_mask")) or "parametrizations" in k for k in state)
+
+
+def test_a_model_that_does_not_fit_its_architecture_is_a_one_line_cell_error_and_is_not_cached(isolated, dense_cache):
+    from pytest_advprune import presets
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
+
+    def prune(self, ctx):
+        ctx.dense.fc2 = torch.nn.Linear(ctx.dense.fc2.in_features, 5)
+        ctx.dense.register_buffer("mask", torch.ones(1))
+        return ctx.dense
+
+    registry.register(make(name="wrong_shape", prune=prune))
+    session = AdvPruneSession(RunConfig(presets.get("smoke"), ["wrong_shape"], cache_dir=str(dense_cache), device="cpu"))
+    cell = Cell("wrong_shape", "fashion_mnist", "cnn", "weights", 90)
+    res = session.result(cell, evaluated=False)
+    assert res.error == ("wrong_shape.prune returned a model that does not fit the cnn architecture: unexpected mask; "
+                         "shape mismatch fc2.weight (5, 128) vs (10, 128), fc2.bias (5,) vs (10,); "
+                         "prune ctx.dense in place and return it")
+    assert not session.cache.has("pruned", session.pruned_key(cell))

@@ -442,6 +442,20 @@ def test_attach_score_masks_freezes_weights_and_masks_top_k():
         sp.dense_state_dict(model)
 
 
+def test_fold_reparametrizations_keeps_the_forward_and_leaves_plain_weights():
+    import torch.nn.utils.prune as torch_prune
+
+    model = fixed_net()
+    sp.attach_score_masks(model, 0.5, init=score_init, layers=[list(sp.prunable_layers(model))[0]])
+    torch_prune.random_unstructured(list(sp.prunable_layers(model).values())[-1], "weight", amount=0.3)
+    x = torch.rand(3, 2, 3, 3)
+    before = model(x)
+    state = sp.dense_state_dict(sp.fold_reparametrizations(model))
+    assert torch.equal(model(x), before)
+    assert not any(k.endswith(("_orig", "_mask")) or "parametrizations" in k or "scores" in k for k in state)
+    assert sp.measure(model, "weights").n_zero_weights > 0
+
+
 def test_score_gradient_is_straight_through():
     model = fixed_net()
     scores = sp.attach_score_masks(model, 0.5, init=score_init)
