@@ -427,6 +427,16 @@ def _cost(r: dict) -> list[str]:
     return [f"{_count(r.get('params'))} / {_count(r['dense_params'])}", f"{_count(r.get('flops'))} / {_count(r.get('dense_flops'))}", lat]
 
 
+def _floors(r: dict) -> str:
+    """The minimums the cell's verdict used (the preset's floors or the command line's overrides):
+    achieved sparsity >= target - tolerance, clean and worst-case robust accuracy, in percent."""
+    f = r.get("floors")
+    if not f:
+        return "–"
+    least = max(0.0, r["target_sparsity"] - f["sparsity_tol"])
+    return " / ".join(f"{100 * v:.4g}" for v in (least, f["clean"], f["robust"]))
+
+
 def _detail_table(doc: dict) -> str:
     rows = []
     for r in doc["records"]:
@@ -434,7 +444,7 @@ def _detail_table(doc: dict) -> str:
         if "clean_acc" not in r:
             reason = r.get("skip_reason") or r.get("error") or ""
             rows.append([f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
-                         "–", "–", "–", "–", "–", *_cost(r), reason])
+                         "–", "–", "–", "–", "–", "–", *_cost(r), reason])
             continue
         attacks = ", ".join(f"{k} {_pct(v)}" for k, v in r["robust_acc"].items() if k != "worst_case")
         lo, hi = r["ci95"]["robust"]
@@ -442,13 +452,13 @@ def _detail_table(doc: dict) -> str:
             f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
             _pct(r.get("achieved_sparsity")), _acc_ci([r["clean_acc"], *r["ci95"]["clean"]]),
             f"{_pct(r['robust_acc']['worst_case'])} "
-            f"[{_pct(lo)}, {_pct(hi)}]", _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}", *_cost(r),
+            f"[{_pct(lo)}, {_pct(hi)}]", _floors(r), _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}", *_cost(r),
             attacks + ("; warnings: " + " | ".join(r["attack_warnings"]) if r["attack_warnings"] else "")
             + (f"; known failure: {r['known_failure']}" if r.get("known_failure") else "")
             + (f"; {error}" if error else ""),
         ])
     table = tabulate(rows, ["cell", "verdict", "sparsity %", "clean % [95% CI]", "robust % [95% CI]",
-                            "epochs (pretrain + method)", "time s", "parameters", "FLOPs", "latency speedup",
+                            "floors: sparsity / clean / robust %", "epochs (pretrain + method)", "time s", "parameters", "FLOPs", "latency speedup",
                             "per attack (%)"],
                      tablefmt="github", disable_numparse=True)
     return table + "\n\n" + COST_NOTE

@@ -45,6 +45,7 @@ def record(method="hydra", *, dataset="cifar10", arch="resnet18", structure="wei
             "n_eval": 10000,
             "ci95": {"clean": [clean - 0.01, clean + 0.01], "robust": [robust - 0.01, robust + 0.01]},
             "attack_warnings": [],
+            "floors": {"sparsity_tol": 0.01, "clean": 0.70, "robust": 0.35},
             "train_epochs": {"pretrain": 100.0, "method": 120.0, "total": 220.0, "preset_budget": 220.0},
         })
     rec.update(changes)
@@ -328,6 +329,14 @@ def test_details_table_has_one_row_per_record_with_reasons():
     assert rows["random-resnet18-weights-95"][-1] == "RuntimeError: boom"
     assert rows["hydra-resnet18-weights-90"][1:5] == ["PASS", "90.0", "76.7 [75.7, 77.7]", "43.3 [42.3, 44.3]"]
     assert rows["hydra-resnet18-weights-90"][-1] == "PGD-20 48.3, AA:apgd-ce 44.3"
+
+
+def test_details_table_shows_the_floors_each_verdict_used():
+    doc = document([record("hydra", floors={"sparsity_tol": 0.02, "clean": 0.5, "robust": 0.255}),
+                    record("dense", structure="dense", sparsity=0), record("random", status="SKIP", evaluated=False)])
+    floors = column(tables(report.render_markdown(doc))["Cells in detail"], "floors: sparsity / clean / robust %")
+    assert floors == {"hydra-resnet18-weights-90": "88 / 50 / 25.5", "dense-resnet18-dense-0": "0 / 70 / 35",
+                      "random-resnet18-weights-90": "–"}
 
 
 def test_details_table_keeps_one_decimal_when_every_cell_was_evaluated():
