@@ -12,7 +12,7 @@ estimator's projection of the same grid (calibration) and its projected per-cell
 PGD, FMN) from the run's report. If the copy holds no dense model for the preset, an untimed
 ``--advprune-method=dense`` run trains it first. The copy is deleted afterwards.
 
-    python benchmarks/end_to_end.py [--method hydra] [--cache DIR] [--device auto|cpu|cuda] [--out DIR] [--smoke]
+    python benchmarks/end_to_end.py [--method hydra] [--cache-dir DIR] [--device auto|cpu|cuda] [--out DIR] [--smoke]
 
 ``--smoke`` runs the ``smoke`` preset (seconds; used by the test suite). Writes
 ``<out>/end_to_end_<device-kind>.json``; the last printed line is the headline ratio (wall time / goal).
@@ -82,7 +82,7 @@ def run_pytest(workdir: Path, cache: Path, preset: str, method: str, device: str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="hydra")
-    ap.add_argument("--cache", type=Path, default=default_dir(),
+    ap.add_argument("--cache-dir", type=Path, default=default_dir(),
                     help="warm cache to copy (only read)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="advprune-e2e-"))
     try:
         cache = work / "cache"
-        warm = cold_copy(args.cache, cache)
+        warm = cold_copy(args.cache_dir, cache)
         warm_s = None
         probe = AdvPruneSession(RunConfig(preset, ["dense"], device=kind, cache_dir=str(cache)))
         if not all(probe.cache.has("dense", probe.dense_key(a)) for a in preset.archs):

@@ -30,7 +30,7 @@ STEPS=(
   "train_throughput 80 benchmarks/train_throughput.py"
   "eval_autoattack 110 benchmarks/eval_autoattack.py"
   "pruned_inference 55 benchmarks/pruned_inference.py"
-  "end_to_end 150 benchmarks/end_to_end.py --cache $WARM_CACHE"
+  "end_to_end 150 benchmarks/end_to_end.py --cache-dir $WARM_CACHE"
 )
 
 if (( DRY )); then

@@ -22,7 +22,7 @@ def test_end_to_end_smoke_times_a_cold_method_and_leaves_the_warm_cache_alone(de
     before = _snapshot(dense_cache)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "ADVPRUNE_CACHE_DIR")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "end_to_end.py"), "--smoke", "--method", "dense",
-                           "--cache", str(dense_cache), "--device", "cpu", "--out", str(tmp_path)],
+                           "--cache-dir", str(dense_cache), "--device", "cpu", "--out", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _snapshot(dense_cache) == before  # the warm cache was only read
