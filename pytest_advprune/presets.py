@@ -123,7 +123,10 @@ SMOKE = Preset(
         "about 15-25 points below, far above what a collapsed model (about 10% / 0%) reaches.",
     ),
     attack_choice="smoke runs a tiny APGD-CE + APGD-T budget; its robust numbers are not comparable with quick.",
-    fmn=FMNSpec(steps=10, tune_steps=5, tune_points=8, tune_split="test", losses=("logit",), schedulers=("cosine",),
+    # 20 steps, and tuning at the same 20: at 10 steps (tuning at 5) the tuner chose the configuration that
+    # finds any adversarial example first (SGD, median Linf distance 0.80) and FMN-Linf broke no point of the
+    # dense model at eps 0.1; at 20/20 it chooses Adam 0.03 and leaves 57.5% robust where AutoAttack leaves 56%.
+    fmn=FMNSpec(steps=20, tune_steps=20, tune_points=8, tune_split="test", losses=("logit",), schedulers=("cosine",),
                 step_sizes=(("linf", "sgd", (10.0,)), ("linf", "adam", (0.03,)), ("l2", "sgd", (1.0,)), ("l2", "adam", (0.05,)))),
 )
 

@@ -210,10 +210,11 @@ def test_presets_carry_an_fmn_spec():
         assert p.fmn is not None and "linf" in p.fmn.norms and p.fmn.grid("linf")
         assert "minimum-norm attack" in p.header()
     assert presets.PRESETS["cifar10"].fmn.tune_split == "train"  # its evaluation takes the whole test split
-    # smoke's FMN costs at most what its PGD + AutoAttack subset does (forward+backward passes of one point)
+    # smoke's FMN costs at most twice its PGD + AutoAttack subset (forward+backward passes of one point):
+    # the least that still breaks points there (see the preset's comment; at 10 steps it broke none)
     p, smoke = presets.SMOKE, presets.SMOKE.fmn
     attack_passes = p.n_eval * (p.pgd_steps + p.autoattack.apgd_iters * (1 + p.autoattack.n_target_classes))
-    assert smoke.tuning_cost() + len(smoke.norms) * smoke.steps * p.n_eval <= attack_passes
+    assert smoke.tuning_cost() + len(smoke.norms) * smoke.steps * p.n_eval <= 2 * attack_passes
 
 
 def test_smoke_dense_cell_has_fmn_in_its_verdict_record_and_cache(dense_cache, tmp_path):

@@ -462,6 +462,9 @@ def test_methods_dir_well_behaved_method_passes(advprune, dense_cache):
     assert rec["status"] == "PASS" and rec["passed"] is True
     assert abs(rec["achieved_sparsity"] - 0.9) < 0.01
     assert rec["clean_acc"] >= rec["floors"]["clean"] and rec["robust_acc"]["worst_case"] >= rec["floors"]["robust"]
+    # FMN-Linf is a real second attack on smoke too: it breaks at least half the points AutoAttack breaks
+    acc = rec["robust_acc"]
+    assert rec["clean_acc"] - acc["FMN-Linf"] >= 0.5 * (rec["clean_acc"] - acc["AA:apgd-t"]), acc
 
 
 def test_nan_weights_fail_with_a_clear_message(advprune, dense_cache):
