@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark set in one go, in under 8 minutes on one H200, into one folder.
 #
-#   bash benchmarks/run_gpu.sh [--dry-run] [OUT_DIR]
+#   bash benchmarks/run_gpu.sh [--dry-run | --help] [OUT_DIR]
 #
-# OUT_DIR defaults to $OUT, else reports/benchmarks/gpu. Runs, each with `--device cuda --out OUT_DIR`
+# OUT_DIR (relative to where you call it) defaults to $OUT, else the repository's reports/benchmarks/gpu. Runs, each with `--device cuda --out OUT_DIR`
 # and its own time limit (so one slow step cannot eat the others' time): train_throughput.py,
 # eval_autoattack.py, pruned_inference.py, end_to_end.py; before them nvidia-smi and the versions.
 # Each step's output goes to OUT_DIR/<step>.log, its JSON to OUT_DIR/<step>_cuda.json; the summary
@@ -14,10 +14,15 @@
 # is not in /usr/share/datasets/fashion-mnist; ADVPRUNE_WARM_CACHE, the warm cache end_to_end.py copies
 # (default ~/.cache/pytest-advprune; without one it first trains the quick dense model, untimed).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
 DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  --dry-run) DRY=1; shift ;;
+  -*) echo "run_gpu.sh: unknown option $1 (use --dry-run or --help)" >&2; exit 2 ;;
+esac
+if [[ -n "${1:-}" && "$1" != /* ]]; then set -- "$PWD/$1"; fi  # the caller's folder, before the cd below
+cd "$(dirname "$0")/.." || exit 2
 OUT_DIR="${1:-${OUT:-reports/benchmarks/gpu}}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi

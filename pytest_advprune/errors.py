@@ -27,3 +27,7 @@ class NonFiniteModel(AdvPruneError):
 
 class BadPrunedModel(AdvPruneError):
     """A method's ``prune()`` returned a model whose weights do not fit its cell's architecture."""
+
+
+class OverBudget(AdvPruneError):
+    """A method asked to train for more epochs than the preset's budget leaves it."""

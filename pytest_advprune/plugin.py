@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,7 @@ def _active(config: pytest.Config) -> bool:
 
 
 def _checkpoint_spec(config: pytest.Config):
+    from . import registry
     from .data import DATASETS
     from .models import ARCHITECTURES
     from .session import CheckpointSpec
@@ -169,7 +171,19 @@ def _checkpoint_spec(config: pytest.Config):
         raise pytest.UsageError(f"--advprune-normalization={normalization}: use model or dataset")
     if sparsity is None or not sparsity.isdigit() or not 0 < int(sparsity) < 100:
         raise pytest.UsageError(f"--advprune-sparsity={sparsity}: give the claimed sparsity as a percentage, e.g. 90")
-    return CheckpointSpec(path, arch, dataset, structure, int(sparsity), _opt(config, "name"), normalization)
+    if config.getoption("advprune_method"):
+        raise pytest.UsageError("--advprune-checkpoint evaluates one model: drop --advprune-method (run methods in a "
+                                "pytest call of their own)")
+    if not Path(path).is_file():
+        raise pytest.UsageError(f"--advprune-checkpoint={path}: no such file")
+    name = _opt(config, "name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+        raise pytest.UsageError(f"--advprune-name={name!r}: use letters, digits and _ . + - (it names the report row "
+                                "and the test ids)")
+    if name in registry.names():
+        raise pytest.UsageError(f"--advprune-name={name} is a registered method; the checkpoint's row would replace "
+                                f"that method's in the report: pick another name, e.g. {name}_checkpoint")
+    return CheckpointSpec(path, arch, dataset, structure, int(sparsity), name, normalization)
 
 
 # ---------------------------------------------------------------------------------- hooks
@@ -320,10 +334,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         records = [{**r, "worker": _worker(config)} for r in advprune.run_records()]
         config.workeroutput[_WORKER_RECORDS_KEY] = json.dumps(records)  # execnet sends plain types only
         return
+    from .errors import AdvPruneError
     from .report import combine
 
     records = combine(advprune.run_records() + config.stash.get(_WORKER_RECORDS, []))
-    config.stash[_REPORT] = advprune.finish(records)
+    try:
+        config.stash[_REPORT] = advprune.finish(records)
+    except AdvPruneError as exc:  # the report could not be written; the records were saved aside (see the message)
+        config.stash[_REPORT_ERROR] = str(exc)
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
     config.stash[_REGRESSIONS] = _regressions(config, records)
     if config.stash[_REGRESSIONS]:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -339,6 +358,7 @@ def pytest_testnodedown(node, error) -> None:
 
 _REPORT = pytest.StashKey["object"]()
 _REGRESSIONS = pytest.StashKey["list"]()
+_REPORT_ERROR = pytest.StashKey["str"]()
 _BASELINE = pytest.StashKey["object"]()
 _WORKER_RECORDS = pytest.StashKey["list"]()
 _WORKER_RECORDS_KEY = "advprune_records"
@@ -369,6 +389,9 @@ def _regressions(config: pytest.Config, records: list[dict]) -> list:
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if _REPORT_ERROR in config.stash:
+        terminalreporter.write_sep("=", "advprune: report not written", red=True)
+        terminalreporter.write_line(config.stash[_REPORT_ERROR])
     paths = config.stash.get(_REPORT, None)
     if paths:
         from . import report

@@ -8,6 +8,7 @@ an unreadable JSON is moved aside (``.corrupt-<time>``) and reported, never over
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -15,9 +16,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tabulate import tabulate
 
 from .curves import curves_dir, figure_name, write_curves
@@ -146,6 +147,9 @@ def check_target(md_path: Path, preset: str) -> None:
     if the report cannot be written there (a file where a folder should be, no write permission),
     so a run fails before any cell is computed rather than after all of them."""
     md_path = Path(md_path)
+    if md_path.suffix != ".md" or md_path.is_dir():
+        raise ReportMismatch(f"--advprune-report={md_path}: give the markdown file's path, ending in .md (the JSON "
+                             f"goes beside it), e.g. --advprune-report={md_path.with_suffix('.md').name}")
     folder = next(p for p in (md_path.parent, *md_path.parent.parents) if p.exists())
     if not folder.is_dir():
         raise ReportMismatch(f"--advprune-report={md_path}: {folder} is a file, not a folder; pass a report path "
@@ -153,6 +157,13 @@ def check_target(md_path: Path, preset: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ReportMismatch(f"--advprune-report={md_path}: {folder} is not writable; pass a report path you can write")
     json_path = md_path.with_suffix(".json")
+    if md_path.parent.is_dir():
+        try:  # the lock file write() takes: a folder that looks writable may still refuse it (/proc, a read-only mount)
+            with open(_lock_path(json_path), "a"):
+                pass
+        except OSError as exc:
+            raise ReportMismatch(f"--advprune-report={md_path}: cannot create {_lock_path(json_path)} ({exc.strerror}); "
+                                 "pass a report path in a folder you can write") from None
     try:
         held = json.loads(json_path.read_text()).get("preset")
     except (OSError, ValueError, AttributeError):
@@ -161,8 +172,46 @@ def check_target(md_path: Path, preset: str) -> None:
         raise ReportMismatch(f"{json_path} holds preset {held!r}, not {preset!r}; pass --advprune-report=reports/{preset}.md")
 
 
+LOCK_TIMEOUT_S = 600
+
+
+def _lock_path(json_path: Path) -> str:
+    return str(json_path) + ".lock"
+
+
+@contextlib.contextmanager
+def _locked(json_path: Path):
+    """Hold the report's file lock (other runs write the same report); a lock not won within
+    :data:`LOCK_TIMEOUT_S` raises :class:`ReportMismatch` instead of waiting forever."""
+    lock = FileLock(_lock_path(json_path))
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT_S)
+    except Timeout:
+        raise ReportMismatch(f"could not lock {_lock_path(json_path)} within {LOCK_TIMEOUT_S} s: another run is writing "
+                             "this report, or the lock file cannot be created there") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _cell_id(r: dict) -> str:
+    """How the report names a record's cell, e.g. ``hydra-cnn-weights-90``."""
+    return f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}"
+
+
 def _key(rec: dict) -> tuple:
     return tuple(rec[k] for k in _KEY)
+
+
+def check_document(doc: Any) -> dict[str, Any]:
+    """``doc`` if it is a report document of this schema whose records name their cells; else
+    raises ValueError saying what is wrong."""
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("records"), list):
+        raise ValueError(f"not a schema-{SCHEMA} pytest-advprune report")
+    if not all(isinstance(r, dict) and all(k in r for k in (*_KEY, "status")) for r in doc["records"]):
+        raise ValueError(f"a record lacks one of {', '.join((*_KEY, 'status'))}")
+    return doc
 
 
 def load(json_path: Path, log=lambda s: None) -> dict[str, Any] | None:
@@ -172,8 +221,7 @@ def load(json_path: Path, log=lambda s: None) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(json_path.read_text())
-        if doc.get("schema") != SCHEMA or not isinstance(doc.get("records"), list):
-            raise ValueError(f"not a schema-{SCHEMA} pytest-advprune report")
+        check_document(doc)
         return doc
     except (ValueError, AttributeError) as exc:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -187,9 +235,22 @@ def load(json_path: Path, log=lambda s: None) -> dict[str, Any] | None:
         return None
 
 
-def merge(old: list[dict], new: list[dict]) -> list[dict]:
-    """Records of ``old`` not in ``new`` (by cell key), then all of ``new``, sorted by cell key."""
-    fresh = {_key(r): r for r in new}
+INCOMPLETE = ("partial", "not run")
+
+
+def merge(old: list[dict], new: list[dict], on_kept: Callable[[dict], None] = lambda rec: None) -> list[dict]:
+    """Records of ``old`` not in ``new`` (by cell key), then all of ``new``, sorted by cell key.
+
+    A record of a run that checked a cell only in part (status ``partial`` or ``not run``: a ``-k``
+    selection, an interrupted run) never replaces one that holds the cell's whole verdict; that one
+    is kept and passed to ``on_kept``."""
+    whole = {_key(r): r for r in old if r["status"] not in INCOMPLETE}
+    fresh = {}
+    for rec in new:
+        if rec["status"] in INCOMPLETE and _key(rec) in whole:
+            on_kept(whole[_key(rec)])
+        else:
+            fresh[_key(rec)] = rec
     kept = [r for r in old if _key(r) not in fresh]
     return sorted(kept + list(fresh.values()), key=lambda r: tuple(str(v) for v in _key(r)))
 
@@ -213,19 +274,39 @@ def combine(records: list[dict]) -> list[dict]:
     return out
 
 
-def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tuple[Path, Path]:
-    """Merge ``records`` into the JSON beside ``md_path`` (same stem) and re-render the markdown."""
+def _describe(doc: dict, records: list[dict], session: "AdvPruneSession") -> None:
+    """Set the document's preset, protocol, header, update time and the taxonomy of ``records``' methods."""
     from . import registry
 
+    doc["preset"] = session.preset.name
+    doc["protocol"] = protocol_id(session.preset)
+    doc["header"] = {**session.preset.header(), "attack choice": session.preset.attack_choice,
+                     "floors": session.preset.floors.derivation}
+    for name in {r["method"] for r in records}:
+        if name in registry.names():
+            cls = registry.get(name)
+            doc["taxonomy"][name] = cls.taxonomy.row(cls.structures)
+    doc["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def save_aside(json_path: Path, records: list[dict], session: "AdvPruneSession") -> None:
+    """Write ``records`` alone as a report document at ``json_path``, for ``report merge`` into the
+    report once it can be written (raises OSError if this file cannot be written either)."""
+    doc = {"schema": SCHEMA, "records": merge([], records), "taxonomy": {}}
+    _describe(doc, records, session)
+    atomic_write_bytes(Path(json_path), (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tuple[Path, Path]:
+    """Merge ``records`` into the JSON beside ``md_path`` (same stem) and re-render the markdown."""
     md_path = Path(md_path)
     json_path = md_path.with_suffix(".json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(json_path) + ".lock"):
+    with _locked(json_path):
         doc = load(json_path, session.log) or {"schema": SCHEMA, "records": [], "taxonomy": {}}
         if doc.get("preset") not in (None, session.preset.name):
             raise ReportMismatch(f"{json_path} holds preset {doc['preset']!r}, not {session.preset.name!r}; "
                              f"pass --advprune-report=reports/{session.preset.name}.md")
-        doc["preset"] = session.preset.name
         stale = [r for r in doc["records"] if r.get("protocol") != protocol_id(session.preset)]
         if stale:
             # Never lost: a record of an older protocol leaves the leaderboard, kept until its cell is re-run.
@@ -234,15 +315,13 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
             doc["records"] = [r for r in doc["records"] if r not in stale]
         fresh = {_key(r) for r in records}
         doc["superseded"] = [r for r in merge(doc.get("superseded", []), stale) if _key(r) not in fresh]
-        doc["protocol"] = protocol_id(session.preset)
-        doc["header"] = {**session.preset.header(), "attack choice": session.preset.attack_choice,
-                         "floors": session.preset.floors.derivation}
-        doc["records"] = merge(doc["records"], records)
-        for name in {r["method"] for r in records}:
-            if name in registry.names():
-                cls = registry.get(name)
-                doc["taxonomy"][name] = cls.taxonomy.row(cls.structures)
-        doc["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        _describe(doc, records, session)
+        kept = []
+        doc["records"] = merge(doc["records"], records, kept.append)
+        if kept:
+            session.log(f"report: kept the earlier whole verdict of {len(kept)} cell(s) this run checked only in part "
+                        f"({', '.join(_cell_id(r) for r in kept[:3])}{' ...' if len(kept) > 3 else ''}); run all "
+                        "of a cell's tests to replace it")
         doc["curves_dir"] = curves_dir(md_path).name
         text = json.dumps(doc, indent=1) + "\n"
         atomic_write_bytes(json_path, text.encode())
@@ -364,14 +443,14 @@ def _fmn_table(doc: dict) -> str | None:
         f = r.get("fmn")
         if not f:
             continue
-        norms = f["norms"]
+        norms = sorted(f["norms"], key=lambda n: (n != "linf", n))  # one order, fresh or loaded from sort_keys JSON
         links = " ".join(f"[{n}]({folder}/{figure_name(r, n)})" for n in norms) if folder else "–"
         rows.append([
-            f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}",
+            _cell_id(r),
             _acc_ci(f["robust"].get("autoattack")), _acc_ci(f["robust"].get("fmn_linf")), _acc_ci(f["robust"]["worst_case"]),
             f"{f.get('fmn_missed', '–')} / {f.get('fmn_only', '–')}",
             " / ".join(_median(f["median"].get(n)) for n in ("linf", "l2") if n in norms),
-            "; ".join(f"{n} {v['config_label']}" for n, v in norms.items()),
+            "; ".join(f"{n} {f['norms'][n]['config_label']}" for n in norms),
             f"{f['seconds']['fmn']:.0f} / {f['seconds']['autoattack_pgd']:.0f}", links,
         ])
     if not rows:
@@ -443,13 +522,13 @@ def _detail_table(doc: dict) -> str:
         error = (r.get("inference") or {}).get("error")
         if "clean_acc" not in r:
             reason = r.get("skip_reason") or r.get("error") or ""
-            rows.append([f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
+            rows.append([_cell_id(r), r["status"],
                          "–", "–", "–", "–", "–", "–", *_cost(r), reason])
             continue
         attacks = ", ".join(f"{k} {_pct(v)}" for k, v in r["robust_acc"].items() if k != "worst_case")
         lo, hi = r["ci95"]["robust"]
         rows.append([
-            f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}", r["status"],
+            _cell_id(r), r["status"],
             _pct(r.get("achieved_sparsity")), _acc_ci([r["clean_acc"], *r["ci95"]["clean"]]),
             f"{_pct(r['robust_acc']['worst_case'])} "
             f"[{_pct(lo)}, {_pct(hi)}]", _floors(r), _epochs(r.get("train_epochs")), f"{r['duration_s']:.0f}", *_cost(r),
@@ -480,11 +559,11 @@ def _indicator_section(doc: dict) -> list[str]:
     recs = [r for r in doc["records"] if r.get("indicators")]
     if not recs:
         return []
-    names = list(dict.fromkeys(k for r in recs for k in r["indicators"]))
+    names = sorted({k for r in recs for k in r["indicators"]})  # one order, fresh or loaded from sort_keys JSON
     text = {True: "ok", False: "FAIL", None: "–"}
     rows, failures = [], []
     for r in recs:
-        cell = f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}"
+        cell = _cell_id(r)
         inds = r["indicators"]
         rows.append([cell] + [text[inds[n]["passed"]] if n in inds else "–" for n in names])
         failures += [f"- `{cell}` {n}: {inds[n]['message']}" for n in names if n in inds and inds[n]["passed"] is False]
@@ -681,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = []
     for path in args.inputs:
         try:
-            docs.append(json.loads(path.read_text()))
+            docs.append(check_document(json.loads(path.read_text())))
         except (OSError, ValueError) as exc:
             print(f"error: {path}: unreadable report ({exc})", file=sys.stderr)
             return 2
@@ -699,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --compare {args.advprune_compare}: unreadable baseline report ({exc})", file=sys.stderr)
             return 2
     json_path = args.output.with_suffix(".json")
-    previous = json.loads(json_path.read_text()) if json_path.exists() else None
+    previous = load(json_path, lambda line: print(line, file=sys.stderr))
     print(diff_markdown(previous, merged))
     status = 0
     if baseline is not None:

@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__, compact, data, models, registry, report, speed
 from . import checkpoint as ckpt
 from .cache import PACKAGE, Cache, code_digest, digest, weights_digest
-from .errors import AdvPruneError, BadOption, BadPrunedModel
+from .errors import AdvPruneError, BadOption, BadPrunedModel, OverBudget
 from .evaluate import Evaluation, check_finite, evaluate, with_fmn
 from .fmn import FMNResult, run_fmn
 from .presets import Preset
@@ -144,7 +144,15 @@ class PruneContext:
     def train(self, model: nn.Module, spec: TrainSpec, desc: str, *, part: int = 0, **kwargs) -> list[float]:
         """:func:`~pytest_advprune.training.adversarial_train` on the training split. A budget split
         into parts (rounds, ADMM segments) passes ``part`` = 0, 1, ... so each part draws its own
-        data order (seed + part) instead of replaying the start of the same permutation."""
+        data order (seed + part) instead of replaying the start of the same permutation.
+
+        Raises :class:`~pytest_advprune.errors.OverBudget`, before training, if the epochs would take
+        the cell past :attr:`budget_epochs` (the one budget every method gets)."""
+        pretrain = 0.0 if self.from_scratch else self.preset.dense_train.epochs
+        if pretrain + self.trained_epochs + spec.epochs > self.budget_epochs + 1e-6:  # 1e-6: sums of epoch fractions
+            raise OverBudget(f"{desc}: {spec.epochs:g} more epochs would make {pretrain:g} + "
+                             f"{self.trained_epochs + spec.epochs:g} of the preset's budget of {self.budget_epochs:g} "
+                             f"(dense pretraining + prune phase + fine-tune); split the budget between the phases")
         self.trained_epochs += spec.epochs
         return adversarial_train(
             model, self.x_train, self.y_train, spec, seed=self.seed + part, device=self.device, log=self.log,
@@ -599,4 +607,13 @@ class AdvPruneSession:
         recs = self.run_records() if records is None else records
         if not recs:
             return None
-        return report.write(self.config.report_md(), recs, self)
+        try:
+            return report.write(self.config.report_md(), recs, self)
+        except AdvPruneError as exc:  # nothing is lost: the records go aside, ready to merge into the report
+            aside = Path(self.config.cache_dir) / "unwritten-reports" / f"{self.preset.name}-{self.started:%Y%m%dT%H%M%S}.json"
+            try:
+                report.save_aside(aside, recs, self)
+            except OSError as err:
+                raise report.ReportMismatch(f"{exc}; saving this run's records to {aside} failed too ({err})") from None
+            raise report.ReportMismatch(f"{exc}; this run's records are saved in {aside}: merge them with python -m "
+                                        f"pytest_advprune.report merge {aside} -o {self.config.report_md()}") from None

@@ -674,12 +674,20 @@ USAGE_CASES = {
     "no-dataset": (["--advprune-checkpoint=m.pt", "--advprune-arch=cnn", "--advprune-sparsity=90"],
                    "--advprune-dataset"),
     "dataset-vs-preset": (checkpoint_args(Path("m.pt")) + ["--advprune-dataset=cifar10"], "does not match preset smoke"),
+    "missing-file": (checkpoint_args(Path("absent.pt")), "--advprune-checkpoint=absent.pt: no such file"),
+    "with-a-method": (checkpoint_args(Path("m.pt"), "90", "--advprune-method=hydra"),
+                      "--advprune-checkpoint evaluates one model: drop --advprune-method"),
+    "name-of-a-method": (checkpoint_args(Path("m.pt"), "90", "--advprune-name=hydra"),
+                         "--advprune-name=hydra is a registered method; the checkpoint's row would replace that method's"),
+    "name-breaking-tables": (checkpoint_args(Path("m.pt"), "90", "--advprune-name=my|name"),
+                             "--advprune-name='my|name': use letters, digits and _ . + -"),
 }
 
 
 @pytest.mark.parametrize("case", list(USAGE_CASES))
 def test_checkpoint_usage_errors(advprune, case):
     args, needle = USAGE_CASES[case]
+    (advprune.pytester.path / "m.pt").write_bytes(b"")  # exists: each case is refused for its own reason
     result = advprune.inprocess(*args)
     assert result.ret == USAGE, result.stdout.str() + result.stderr.str()
     errors = [line for line in result.errlines if line.strip()]
@@ -688,6 +696,7 @@ def test_checkpoint_usage_errors(advprune, case):
 
 
 def test_checkpoint_dataset_against_an_explicit_preset_of_another_dataset(advprune):
+    (advprune.pytester.path / "m.pt").write_bytes(b"")
     result = advprune.inprocess(*checkpoint_args(Path("m.pt")), "--advprune-preset=cifar10", preset=False)
     assert result.ret == USAGE
     errors = [line for line in result.errlines if line.strip()]

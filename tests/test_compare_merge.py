@@ -267,11 +267,18 @@ def test_merge_cli_refuses_incompatible_inputs(tmp_path, capsys, second):
     assert not (tmp_path / "out").exists()
 
 
-def test_merge_cli_unreadable_input_exits_2(tmp_path, capsys):
+@pytest.mark.parametrize("text, why", [
+    ("{not json", "Expecting property name"),
+    ('{"a": 1}', "not a schema-1 pytest-advprune report"),
+    ("[]", "not a schema-1 pytest-advprune report"),
+    ('{"schema": 1, "records": [{"method": "hydra"}]}', "a record lacks one of method, preset, dataset"),
+])
+def test_merge_cli_unreadable_input_exits_2(tmp_path, capsys, text, why):
     a = write(tmp_path / "A.json", doc([rec()]))
-    (tmp_path / "B.json").write_text("{not json")
+    (tmp_path / "B.json").write_text(text)
     assert report.main(["merge", str(a), str(tmp_path / "B.json"), "-o", str(tmp_path / "x.md")]) == 2
-    assert "B.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "B.json: unreadable report" in err and why in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.md").exists()
 
 

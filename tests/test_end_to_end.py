@@ -55,6 +55,21 @@ def test_run_gpu_dry_run_lists_every_step_and_runs_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_run_gpu_help_prints_the_usage_and_an_unknown_option_is_refused(tmp_path):
+    proc = _run_gpu("--help")
+    assert proc.returncode == 0 and proc.stdout.splitlines()[2].strip() == \
+        "bash benchmarks/run_gpu.sh [--dry-run | --help] [OUT_DIR]", proc.stdout
+    proc = _run_gpu("--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "unknown option --out" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_gpu_takes_a_relative_out_dir_from_where_it_is_called(tmp_path):
+    proc = subprocess.run(["bash", str(RUN_GPU), "--dry-run", "rel"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and f"would write to {tmp_path}/rel with" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_run_gpu_fails_when_a_step_fails(tmp_path):
     fake = tmp_path / "python"  # a "python" whose every run fails, so no step can succeed
     fake.write_text("#!/bin/sh\necho broken >&2\nexit 3\n")

@@ -280,11 +280,19 @@ def test_empty_method_option_is_a_usage_error_not_the_projects_own_tests(advprun
         assert "--advprune-method is empty; give a method name" in single_error_line(result)
 
 
-def test_a_report_path_that_cannot_be_written_fails_before_any_cell(advprune):
+@pytest.mark.parametrize("path, fragment", [
+    ("afile/sub/x.md", "afile is a file, not a folder; pass a report path in a folder"),
+    ("out/x.json", "give the markdown file's path, ending in .md (the JSON goes beside it), e.g. --advprune-report=x.md"),
+    ("adir", "give the markdown file's path, ending in .md"),
+    ("locked/x.md", "cannot create locked/x.json.lock (Is a directory); pass a report path in a folder you can write"),
+])
+def test_a_report_path_that_cannot_be_written_fails_before_any_cell(advprune, path, fragment):
     (advprune.pytester.path / "afile").write_text("not a folder\n")
-    result = advprune.inprocess("--advprune-method=hydra", "--advprune-report=afile/sub/x.md")
+    (advprune.pytester.path / "adir").mkdir()
+    (advprune.pytester.path / "locked" / "x.json.lock").mkdir(parents=True)  # the lock file cannot be created
+    result = advprune.inprocess("--advprune-method=hydra", f"--advprune-report={path}")
     assert result.ret == USAGE
-    assert "afile is a file, not a folder; pass a report path in a folder" in single_error_line(result)
+    assert fragment in single_error_line(result)
 
 
 def test_a_missing_dataset_is_one_usage_error_and_the_report_keeps_its_results(advprune, monkeypatch, tmp_path):
@@ -590,6 +598,37 @@ def test_partial_run_does_not_pass_a_cell(advprune, dense_cache):
     rec = advprune.records()[DENSE]
     assert rec["checks"] == {"clean": "passed"}
     assert rec["status"] != "PASS" and rec["passed"] is not True
+
+
+def test_a_partial_rerun_keeps_the_cells_whole_verdict_in_the_report(advprune, dense_cache):
+    advprune.inprocess("--advprune-method=dense").assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
+    whole = advprune.records()[DENSE]
+    result = advprune.inprocess("--advprune-method=dense", "-k", "clean_accuracy")
+    result.assert_outcomes(passed=1, deselected=PER_CELL - 1)
+    assert advprune.records()[DENSE] == whole
+    assert "kept the earlier whole verdict of 1 cell(s) this run checked only in part (dense-cnn-dense-0)" in result.stdout.str()
+
+
+def test_a_report_that_cannot_be_written_saves_the_records_aside_and_exits_with_a_usage_error(advprune, dense_cache):
+    advprune.pytester.makeconftest("""
+import pytest_advprune.report as report
+
+def _full_disk(*args, **kwargs):
+    raise report.ReportMismatch("disk full")
+
+report.write = _full_disk
+""")
+    result = advprune.subprocess("--advprune-method=dense")
+    assert result.ret == USAGE
+    out = result.stdout.str()
+    assert "advprune: report not written" in out and "disk full; this run's records are saved in" in out
+    aside = next((advprune.cache_dir / "unwritten-reports").glob("smoke-*.json"))
+    assert f"pytest_advprune.report merge {aside} -o" in out
+    assert [r["method"] for r in json.loads(aside.read_text())["records"]] == ["dense"]
+    assert not advprune.report_json.exists()
+    merged = advprune.pytester.path / "merged.md"
+    assert pytest_advprune.report.main(["merge", str(aside), "-o", str(merged)]) == 0
+    assert advprune.records(merged.with_suffix(".json"))[DENSE]["status"] == "PASS"
 
 
 def test_corrupt_report_is_moved_aside(advprune, dense_cache):

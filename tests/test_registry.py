@@ -426,3 +426,22 @@ def test_a_model_that_does_not_fit_its_architecture_is_a_one_line_cell_error_and
                          "shape mismatch fc2.weight (5, 128) vs (10, 128), fc2.bias (5,) vs (10,); "
                          "prune ctx.dense in place and return it")
     assert not session.cache.has("pruned", session.pruned_key(cell))
+
+
+def test_a_method_that_trains_past_the_budget_is_stopped_with_a_one_line_cell_error(isolated, dense_cache):
+    from pytest_advprune import presets
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
+
+    def prune(self, ctx):
+        ctx.train(ctx.dense, ctx.preset.finetune.with_(epochs=ctx.preset.finetune.epochs / 2), "first half")
+        ctx.train(ctx.dense, ctx.preset.finetune.with_(epochs=4), "overbudget fine-tune")
+        return ctx.dense
+
+    registry.register(make(name="overbudget", prune=prune))
+    smoke = presets.get("smoke")
+    session = AdvPruneSession(RunConfig(smoke, ["overbudget"], cache_dir=str(dense_cache), device="cpu"))
+    cell = Cell("overbudget", "fashion_mnist", "cnn", "weights", 90)
+    res = session.result(cell, evaluated=False)
+    assert res.error == ("overbudget fine-tune: 4 more epochs would make 3 + 4.5 of the preset's budget of 5 (dense "
+                         "pretraining + prune phase + fine-tune); split the budget between the phases")
+    assert not session.cache.has("pruned", session.pruned_key(cell))

@@ -171,6 +171,19 @@ def test_merge_distinguishes_every_key_field_and_dedups_within_new():
     assert report.merge([], []) == []
 
 
+@pytest.mark.parametrize("partial", ["partial", "not run"])
+def test_a_record_of_a_cell_checked_only_in_part_never_replaces_its_whole_verdict(partial):
+    whole, part = record(status="PASS"), record(status=partial, evaluated=False)
+    kept = []
+    assert report.merge([whole], [part], kept.append) == [whole] and kept == [whole]
+    assert report.merge([], [part]) == [part]  # an empty place takes it
+    assert report.merge([record(status="partial")], [part]) == [part]  # a later partial beats an earlier one
+    failed = record(status="FAIL", checks={"robust": "failed"})  # e.g. --lf re-ran one failing check
+    assert report.merge([whole], [failed]) == [failed]
+    docs = [document([whole]), document([part])]
+    assert report.merge_documents(docs)["records"] == [whole]  # `report merge old.json partial.json`
+
+
 # ------------------------------------------------------------------------------ render_markdown
 
 
@@ -383,6 +396,19 @@ def test_terminal_summary_is_plain_text_without_bold():
     text = report.terminal_summary(_mixed_doc())
     assert lb_title("cifar10", "weights") in text and "76.7 / 43.3 PASS" in text
     assert "**" not in text and "|" not in text
+
+
+def test_render_does_not_depend_on_the_order_of_indicators_and_fmn_norms_in_a_record():
+    """A fresh record lists them in the engine's order, one loaded from the cache (JSON with sorted keys)
+    alphabetically; the report reads the same either way."""
+    doc = golden_doc()
+    flipped = json.loads(json.dumps(doc))
+    for r in flipped["records"]:
+        if r.get("indicators"):
+            r["indicators"] = dict(reversed(list(r["indicators"].items())))
+        if r.get("fmn"):
+            r["fmn"]["norms"] = dict(reversed(list(r["fmn"]["norms"].items())))
+    assert report.render_markdown(flipped) == report.render_markdown(doc)
 
 
 def test_render_matches_the_golden_file():
@@ -615,6 +641,16 @@ def test_write_refuses_a_report_of_another_preset(tmp_path, fake_session):
     assert "--advprune-report" in message and "'quick'" in message and "'smoke'" in message
     assert json_path.read_bytes() == before
     assert not (tmp_path / "smoke.md").exists()
+
+
+def test_write_gives_up_on_a_lock_it_cannot_win_with_a_one_line_error(tmp_path, fake_session, monkeypatch):
+    from filelock import FileLock
+
+    monkeypatch.setattr(report, "LOCK_TIMEOUT_S", 0.2)
+    with FileLock(str(tmp_path / "smoke.json.lock")):
+        with pytest.raises(report.ReportMismatch, match=r"could not lock .*smoke.json.lock within 0.2 s: another run"):
+            report.write(tmp_path / "smoke.md", [smoke()], fake_session)
+    assert not (tmp_path / "smoke.json").exists()
 
 
 @pytest.mark.parametrize("failing", [".json", ".md"])
