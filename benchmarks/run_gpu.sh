@@ -21,9 +21,10 @@ case "${1:-}" in
   --dry-run) DRY=1; shift ;;
   -*) echo "run_gpu.sh: unknown option $1 (use --dry-run or --help)" >&2; exit 2 ;;
 esac
-if [[ -n "${1:-}" && "$1" != /* ]]; then set -- "$PWD/$1"; fi  # the caller's folder, before the cd below
+OUT_DIR="${1:-${OUT:-}}"
+if [[ -n "$OUT_DIR" && "$OUT_DIR" != /* ]]; then OUT_DIR="$PWD/$OUT_DIR"; fi  # the caller's folder, before the cd
 cd "$(dirname "$0")/.." || exit 2
-OUT_DIR="${1:-${OUT:-reports/benchmarks/gpu}}"
+OUT_DIR="${OUT_DIR:-reports/benchmarks/gpu}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi

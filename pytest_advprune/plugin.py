@@ -87,7 +87,7 @@ def _load_methods(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
-def _build_session(config: pytest.Config):
+def _build_session(config: pytest.Config, writes_report: bool = True):
     from . import presets, registry
     from .cache import default_dir
     from .errors import AdvPruneError
@@ -108,7 +108,8 @@ def _build_session(config: pytest.Config):
             raise pytest.UsageError(f"--advprune-data-dir={data_dir}: no such folder; pass the folder that holds the "
                                     "dataset in torchvision's format, or leave the option out")
         report = _opt(config, "report") or config.rootpath / "reports" / f"{preset.name}.md"
-        check_target(Path(report), preset.name)
+        if writes_report:
+            check_target(Path(report), preset.name)
         run = RunConfig(
             preset=preset, methods=[] if checkpoint else registry.resolve(_opt(config, "method")),
             checkpoint=checkpoint, device=_device(config),
@@ -218,7 +219,7 @@ def pytest_cmdline_main(config: pytest.Config):
                                     "(and no --advprune-checkpoint)")
         from .estimate import estimate
 
-        print(estimate(_build_session(config)).render())
+        print(estimate(_build_session(config, writes_report=False)).render())
         return 0
     return None
 
@@ -340,11 +341,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     records = combine(advprune.run_records() + config.stash.get(_WORKER_RECORDS, []))
     try:
         config.stash[_REPORT] = advprune.finish(records)
-    except AdvPruneError as exc:  # the report could not be written; the records were saved aside (see the message)
+    except AdvPruneError as exc:  # the report could not be written; the records went aside (see the message)
         config.stash[_REPORT_ERROR] = str(exc)
         session.exitstatus = pytest.ExitCode.USAGE_ERROR
     config.stash[_REGRESSIONS] = _regressions(config, records)
-    if config.stash[_REGRESSIONS]:
+    if config.stash[_REGRESSIONS] and _REPORT_ERROR not in config.stash:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -313,7 +313,7 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
             session.log(f"report: {len(stale)} record(s) of an older protocol of preset {session.preset.name} moved to "
                         f"'superseded' (re-run those cells to bring them back under the current protocol)")
             doc["records"] = [r for r in doc["records"] if r not in stale]
-        fresh = {_key(r) for r in records}
+        fresh = {_key(r) for r in records if r["status"] not in INCOMPLETE}  # a partial run re-checks nothing whole
         doc["superseded"] = [r for r in merge(doc.get("superseded", []), stale) if _key(r) not in fresh]
         _describe(doc, records, session)
         kept = []
@@ -725,6 +725,9 @@ def merge_documents(docs: list[dict]) -> dict:
     for d in docs:
         out["records"] = merge(out["records"], d["records"])
         out["taxonomy"].update(d.get("taxonomy", {}))
+    whole = {_key(r) for r in out["records"] if r["status"] not in INCOMPLETE}
+    superseded = merge([], [r for d in docs for r in d.get("superseded", [])])
+    out["superseded"] = [r for r in superseded if _key(r) not in whole]
     out["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return out
 
@@ -788,9 +791,14 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     merged["curves_dir"] = curves_dir(args.output).name
-    atomic_write_bytes(json_path, (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode())
-    write_curves(merged, args.output)
-    atomic_write_bytes(args.output, render_markdown(merged).encode())
+    try:
+        with _locked(json_path):  # a pytest run may be writing the same report
+            atomic_write_bytes(json_path, (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode())
+            write_curves(merged, args.output)
+            atomic_write_bytes(args.output, render_markdown(merged).encode())
+    except ReportMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return status
 
 

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import hashlib
+import os
 import platform
 import time
 import traceback
@@ -148,6 +149,9 @@ class PruneContext:
 
         Raises :class:`~pytest_advprune.errors.OverBudget`, before training, if the epochs would take
         the cell past :attr:`budget_epochs` (the one budget every method gets)."""
+        if self.from_scratch and model is self.dense:
+            raise OverBudget(f"{desc}: trains ctx.dense, which is pretrained, after ctx.fresh_model() made the cell "
+                             "from scratch; train the fresh model")
         pretrain = 0.0 if self.from_scratch else self.preset.dense_train.epochs
         if pretrain + self.trained_epochs + spec.epochs > self.budget_epochs + 1e-6:  # 1e-6: sums of epoch fractions
             raise OverBudget(f"{desc}: {spec.epochs:g} more epochs would make {pretrain:g} + "
@@ -607,13 +611,16 @@ class AdvPruneSession:
         recs = self.run_records() if records is None else records
         if not recs:
             return None
+        md = self.config.report_md()
         try:
-            return report.write(self.config.report_md(), recs, self)
-        except AdvPruneError as exc:  # nothing is lost: the records go aside, ready to merge into the report
-            aside = Path(self.config.cache_dir) / "unwritten-reports" / f"{self.preset.name}-{self.started:%Y%m%dT%H%M%S}.json"
+            return report.write(md, recs, self)
+        except (AdvPruneError, OSError) as exc:  # nothing is lost: the records go aside, ready to merge into the report
+            aside = (Path(self.config.cache_dir) / "unwritten-reports"
+                     / f"{self.preset.name}-{self.started:%Y%m%dT%H%M%S}-{os.getpid()}.json")
             try:
                 report.save_aside(aside, recs, self)
             except OSError as err:
                 raise report.ReportMismatch(f"{exc}; saving this run's records to {aside} failed too ({err})") from None
-            raise report.ReportMismatch(f"{exc}; this run's records are saved in {aside}: merge them with python -m "
-                                        f"pytest_advprune.report merge {aside} -o {self.config.report_md()}") from None
+            into = f"{md.with_suffix('.json')} " if md.with_suffix(".json").exists() else ""
+            raise report.ReportMismatch(f"{exc}; this run's records are saved in {aside}: add them to the report with "
+                                        f"python -m pytest_advprune.report merge {into}{aside} -o {md}") from None

@@ -175,6 +175,23 @@ def test_merge_documents_later_wins_per_cell():
     assert reverse["lwm-fashion_mnist-cnn-weights-90"]["robust_acc"]["worst_case"] == 0.40
 
 
+def test_merge_documents_keeps_superseded_records_until_their_cell_has_a_whole_verdict():
+    old = rec("lwm", protocol="quick-e0-0000000000000000")
+    a = {**doc([rec("hydra")]), "superseded": [old]}
+    assert report.merge_documents([a])["superseded"] == [old]
+    assert report.merge_documents([a, doc([rec("lwm")])])["superseded"] == []
+
+
+def test_merge_cli_waits_for_the_reports_lock_then_gives_up_with_one_line(tmp_path, capsys, monkeypatch):
+    from filelock import FileLock
+
+    monkeypatch.setattr(report, "LOCK_TIMEOUT_S", 0.2)
+    a = write(tmp_path / "A.json", doc([rec()]))
+    with FileLock(str(tmp_path / "x.json.lock")):
+        assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 2
+    assert "could not lock" in capsys.readouterr().err and not (tmp_path / "x.md").exists()
+
+
 def test_merge_documents_refuses_different_presets():
     with pytest.raises(MergeError, match="different presets.*quick.*smoke|different presets.*smoke.*quick"):
         merge_documents([doc([rec()]), doc([rec(preset="quick")], preset="quick")])

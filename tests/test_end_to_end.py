@@ -68,6 +68,9 @@ def test_run_gpu_takes_a_relative_out_dir_from_where_it_is_called(tmp_path):
     proc = subprocess.run(["bash", str(RUN_GPU), "--dry-run", "rel"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and f"would write to {tmp_path}/rel with" in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run(["bash", str(RUN_GPU), "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OUT": "viaenv"})
+    assert proc.returncode == 0 and f"would write to {tmp_path}/viaenv with" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_run_gpu_fails_when_a_step_fails(tmp_path):

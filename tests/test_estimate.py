@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -99,6 +100,14 @@ def test_estimate_option_prints_the_projection_and_trains_nothing(advprune, tmp_
     assert "projected:" in out and "device-hours" in out
     assert not cache.exists() or not any(cache.rglob("*"))
     assert not advprune.report_md.parent.exists()  # no report, no test run
+
+
+def test_estimate_writes_no_report_so_a_report_of_another_preset_does_not_stop_it(advprune, tmp_path):
+    advprune.report_json.parent.mkdir(parents=True, exist_ok=True)
+    advprune.report_json.write_text(json.dumps({"schema": 1, "preset": "quick", "records": []}))
+    result = advprune.inprocess("--advprune-method=lwm", "--advprune-estimate", f"--advprune-cache-dir={tmp_path / 'c'}",
+                                cache=False)
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
 
 
 def test_estimate_without_method_is_a_usage_error(advprune):

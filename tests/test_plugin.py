@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -610,25 +611,36 @@ def test_a_partial_rerun_keeps_the_cells_whole_verdict_in_the_report(advprune, d
 
 
 def test_a_report_that_cannot_be_written_saves_the_records_aside_and_exits_with_a_usage_error(advprune, dense_cache):
+    advprune.inprocess("--advprune-method=dense").assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
+    doc = advprune.load_report()
+    doc["records"].append({**doc["records"][0], "method": "earlier"})  # another cell of the report, to keep
+    advprune.report_json.write_text(json.dumps(doc))
+    before = advprune.report_json.read_bytes()
     advprune.pytester.makeconftest("""
+import errno
 import pytest_advprune.report as report
 
-def _full_disk(*args, **kwargs):
-    raise report.ReportMismatch("disk full")
+_write = report.atomic_write_bytes
 
-report.write = _full_disk
+def _full_disk(path, data):
+    if "unwritten-reports" not in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    _write(path, data)
+
+report.atomic_write_bytes = _full_disk
 """)
-    result = advprune.subprocess("--advprune-method=dense")
+    result = advprune.subprocess("--advprune-method=dense", "--advprune-min-robust=99")  # fails: exit code 4 still
     assert result.ret == USAGE
     out = result.stdout.str()
-    assert "advprune: report not written" in out and "disk full; this run's records are saved in" in out
-    aside = next((advprune.cache_dir / "unwritten-reports").glob("smoke-*.json"))
-    assert f"pytest_advprune.report merge {aside} -o" in out
-    assert [r["method"] for r in json.loads(aside.read_text())["records"]] == ["dense"]
-    assert not advprune.report_json.exists()
-    merged = advprune.pytester.path / "merged.md"
-    assert pytest_advprune.report.main(["merge", str(aside), "-o", str(merged)]) == 0
-    assert advprune.records(merged.with_suffix(".json"))[DENSE]["status"] == "PASS"
+    assert "advprune: report not written" in out and "No space left on device" in out
+    assert advprune.report_json.read_bytes() == before
+    command = re.search(r"python -m pytest_advprune\.report merge (.+) -o (\S+)", out)
+    inputs, output = command.group(1).split(), command.group(2)
+    assert inputs[0] == str(advprune.report_json) and "unwritten-reports" in inputs[1]
+    assert [r["method"] for r in json.loads(Path(inputs[1]).read_text())["records"]] == ["dense"]
+    assert pytest_advprune.report.main(["merge", *inputs, "-o", output]) == 0
+    records = advprune.records()
+    assert set(records) == {DENSE, DENSE.replace("dense-", "earlier-", 1)} and records[DENSE]["status"] == "FAIL"
 
 
 def test_corrupt_report_is_moved_aside(advprune, dense_cache):

@@ -445,3 +445,19 @@ def test_a_method_that_trains_past_the_budget_is_stopped_with_a_one_line_cell_er
     assert res.error == ("overbudget fine-tune: 4 more epochs would make 3 + 4.5 of the preset's budget of 5 (dense "
                          "pretraining + prune phase + fine-tune); split the budget between the phases")
     assert not session.cache.has("pruned", session.pruned_key(cell))
+
+
+def test_a_method_cannot_call_fresh_model_and_train_the_pretrained_dense_on_the_from_scratch_budget(isolated, dense_cache):
+    from pytest_advprune import presets
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
+
+    def prune(self, ctx):
+        ctx.fresh_model()
+        ctx.train(ctx.dense, ctx.preset.finetune, "fine-tune")
+        return ctx.dense
+
+    registry.register(make(name="sneaky", prune=prune))
+    session = AdvPruneSession(RunConfig(presets.get("smoke"), ["sneaky"], cache_dir=str(dense_cache), device="cpu"))
+    res = session.result(Cell("sneaky", "fashion_mnist", "cnn", "weights", 90), evaluated=False)
+    assert res.error == ("fine-tune: trains ctx.dense, which is pretrained, after ctx.fresh_model() made the cell "
+                         "from scratch; train the fresh model")

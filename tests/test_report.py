@@ -623,7 +623,9 @@ def test_write_moves_records_of_an_older_protocol_aside_and_says_so(tmp_path, fa
     superseded = md.split("## Superseded records")[1].split("\n## ")[0]
     assert "smoke-e0-0000000000000000" in superseded and "lwm" in superseded and "hydra" not in superseded
     assert md == report.render_markdown(doc)
-    # re-running the lwm cell brings it back and empties the superseded list
+    # a partial re-run of the lwm cell leaves its old whole verdict aside; re-running it whole brings it back
+    report.write(tmp_path / "smoke.md", [smoke("lwm", status="partial", evaluated=False)], fake_session)
+    assert report.load(json_path)["superseded"] == [old_protocol]
     report.write(tmp_path / "smoke.md", [smoke("lwm")], fake_session)
     doc = report.load(json_path)
     assert doc["superseded"] == [] and "## Superseded records" not in (tmp_path / "smoke.md").read_text()
