@@ -442,6 +442,31 @@ def test_attach_score_masks_freezes_weights_and_masks_top_k():
         sp.dense_state_dict(model)
 
 
+class _EveryOther(torch.nn.utils.prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t, default_mask):
+        mask = default_mask.clone()
+        mask.view(-1)[::2] = 0
+        return mask
+
+
+def test_fold_reparametrizations_folds_a_tensor_pruned_twice_and_a_custom_pruning_method():
+    import torch.nn.utils.prune as torch_prune
+
+    model = fixed_net()
+    first, last = list(sp.prunable_layers(model).values())[0], list(sp.prunable_layers(model).values())[-1]
+    torch_prune.l1_unstructured(first, "weight", amount=0.3)
+    torch_prune.random_unstructured(first, "weight", amount=0.3)  # a PruningContainer on one tensor
+    _EveryOther.apply(last, "weight")
+    x = torch.rand(3, 2, 3, 3)
+    before = model(x)
+    state = sp.dense_state_dict(sp.fold_reparametrizations(model))
+    assert torch.equal(model(x), before)
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    assert int((state[[k for k in state if k.endswith("weight")][-1]] == 0).sum()) >= last.weight.numel() // 2
+
+
 def test_fold_reparametrizations_keeps_the_forward_and_leaves_plain_weights():
     import torch.nn.utils.prune as torch_prune
 
