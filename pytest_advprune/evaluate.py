@@ -88,7 +88,7 @@ def check_finite(model: nn.Module) -> None:
     """Raise :class:`NonFiniteModel` naming the first parameter or buffer holding NaN or inf."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteModel(f"model tensor {name!r} holds NaN or inf values; the method diverged (lower its learning rate)")
+            raise NonFiniteModel(f"model tensor {name!r} holds NaN or inf values: the method wrote them, or diverged in training (lower its learning rate)")
 
 
 def evaluate(

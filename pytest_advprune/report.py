@@ -522,8 +522,8 @@ def _detail_table(doc: dict) -> str:
         error = (r.get("inference") or {}).get("error")
         if "clean_acc" not in r:
             reason = r.get("skip_reason") or r.get("error") or ""
-            rows.append([_cell_id(r), r["status"],
-                         "–", "–", "–", "–", "–", "–", *_cost(r), reason])
+            rows.append([_cell_id(r), r["status"],  # a cell checked for sparsity only has that measured
+                         _pct(r.get("achieved_sparsity")), "–", "–", "–", "–", "–", *_cost(r), reason])
             continue
         attacks = ", ".join(f"{k} {_pct(v)}" for k, v in r["robust_acc"].items() if k != "worst_case")
         lo, hi = r["ci95"]["robust"]

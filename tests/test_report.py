@@ -344,6 +344,12 @@ def test_details_table_has_one_row_per_record_with_reasons():
     assert rows["hydra-resnet18-weights-90"][-1] == "PGD-20 48.3, AA:apgd-ce 44.3"
 
 
+def test_details_table_shows_the_sparsity_of_a_cell_checked_for_sparsity_only():
+    partial = record("hydra", status="partial", evaluated=False, achieved_sparsity=0.9012, checks={"sparsity": "passed"})
+    row = tables(report.render_markdown(document([partial])))["Cells in detail"][1]
+    assert row[:4] == ["hydra-resnet18-weights-90", "partial", "90.1", "–"]
+
+
 def test_details_table_shows_the_floors_each_verdict_used():
     doc = document([record("hydra", floors={"sparsity_tol": 0.02, "clean": 0.5, "robust": 0.255}),
                     record("dense", structure="dense", sparsity=0), record("random", status="SKIP", evaluated=False)])
