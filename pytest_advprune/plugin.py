@@ -43,9 +43,19 @@ _OPTIONS = [
 _DATASET_PRESET = {"fashion_mnist": "quick", "cifar10": "cifar10", "svhn": "svhn"}
 
 
+_PATH_OPTIONS = ("data-dir", "cache-dir", "report", "methods-dir", "checkpoint", "compare")
+
+
 def _opt(config: pytest.Config, name: str):
+    """The option's command-line value, else its ``[tool.pytest.ini_options]`` value (a relative path
+    there is taken from the ini file's folder, as pytest does for its own path settings), else None."""
     value = config.getoption("advprune_" + name.replace("-", "_"))
-    return value if value is not None else (config.getini("advprune_" + name.replace("-", "_")) or None)
+    if value is not None:
+        return value
+    value = config.getini("advprune_" + name.replace("-", "_")) or None
+    if value and name in _PATH_OPTIONS and config.inipath is not None:
+        value = str(config.inipath.parent / value)  # an absolute value stays as it is
+    return value
 
 
 def _percent(config: pytest.Config, name: str) -> float | None:
@@ -159,6 +169,9 @@ def _checkpoint_spec(config: pytest.Config):
             raise pytest.UsageError(f"{', '.join(given)} only apply to --advprune-checkpoint=PATH; give a checkpoint, "
                                     "or drop them (a method grid takes its sparsities from the preset)")
         return None
+    if config.getoption("advprune_method"):
+        raise pytest.UsageError("--advprune-checkpoint evaluates one model: drop --advprune-method (run methods in a "
+                                "pytest call of their own)")
     arch, dataset, sparsity = _opt(config, "arch"), _opt(config, "dataset"), _opt(config, "sparsity")
     structure, normalization = _opt(config, "structure"), _opt(config, "normalization")
     if not arch or not (arch in ARCHITECTURES or ":" in arch):
@@ -172,9 +185,6 @@ def _checkpoint_spec(config: pytest.Config):
         raise pytest.UsageError(f"--advprune-normalization={normalization}: use model or dataset")
     if sparsity is None or not sparsity.isdigit() or not 0 < int(sparsity) < 100:
         raise pytest.UsageError(f"--advprune-sparsity={sparsity}: give the claimed sparsity as a percentage, e.g. 90")
-    if config.getoption("advprune_method"):
-        raise pytest.UsageError("--advprune-checkpoint evaluates one model: drop --advprune-method (run methods in a "
-                                "pytest call of their own)")
     if not Path(path).is_file():
         raise pytest.UsageError(f"--advprune-checkpoint={path}: no such file")
     name = _opt(config, "name")
@@ -204,6 +214,8 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     from .report import add_compare_options
 
     add_compare_options(group.addoption, "--advprune-")
+    for name in ("compare", "compare-fail"):
+        parser.addini("advprune_" + name.replace("-", "_"), f"as --advprune-{name}", default=None)
 
 
 def pytest_cmdline_main(config: pytest.Config):
@@ -269,6 +281,11 @@ def pytest_configure(config: pytest.Config) -> None:
         from .errors import AdvPruneError
 
         session = config.stash[_SESSION] = _build_session(config)
+        baseline = config.stash[_BASELINE]
+        if baseline and baseline[2] not in (None, session.preset.name):
+            raise pytest.UsageError(f"--advprune-compare={_opt(config, 'compare')} holds preset "
+                                    f"{baseline[2]!r}, not {session.preset.name!r}: no cell could be compared; give "
+                                    f"a baseline of preset {session.preset.name}")
         try:
             session.check_data()
         except AdvPruneError as exc:
@@ -370,15 +387,18 @@ def _compare_baseline(config: pytest.Config):
     from .report import parse_compare_fail
 
     try:
-        thresholds = parse_compare_fail(config.getoption("advprune_compare_fail"))
+        thresholds = parse_compare_fail(_opt(config, "compare-fail"))
     except ValueError as exc:
         raise pytest.UsageError(f"--advprune-compare-fail: {exc}") from None
-    path = config.getoption("advprune_compare")
+    path = _opt(config, "compare")
     if not path:
+        if _opt(config, "compare-fail") is not None:
+            raise pytest.UsageError("--advprune-compare-fail needs --advprune-compare=BASELINE.json to compare against")
         return None
     try:
-        return json.loads(Path(path).read_text())["records"], thresholds
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        doc = json.loads(Path(path).read_text())
+        return doc["records"], thresholds, doc.get("preset")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise pytest.UsageError(f"--advprune-compare={path}: not a readable report JSON ({exc})") from None
 
 
@@ -386,7 +406,7 @@ def _regressions(config: pytest.Config, records: list[dict]) -> list:
     from . import report
 
     baseline = config.stash.get(_BASELINE, None)
-    return report.regressions(records, *baseline) if baseline else []
+    return report.regressions(records, *baseline[:2]) if baseline else []
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

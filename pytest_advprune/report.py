@@ -348,15 +348,18 @@ def _cell_text(rec: dict | None, best: bool, markdown: bool) -> str:
 
 
 def ranked(rec: dict) -> bool:
-    """Whether a record competes for a column's best: it has a robust accuracy and did not miss its
-    sparsity target (a model less sparse than claimed must not win the column)."""
-    return "robust_acc" in rec and (rec.get("checks") or {}).get("sparsity") != "failed"
+    """Whether a record competes for a column's best: it has a robust accuracy, did not miss its
+    sparsity target (a model less sparse than claimed must not win the column) and no attack-failure
+    indicator failed (an untrustworthy robust accuracy, e.g. gradient masking, must not win it either)."""
+    indicators = (rec.get("indicators") or {}).values()
+    return ("robust_acc" in rec and (rec.get("checks") or {}).get("sparsity") != "failed"
+            and not any(i.get("passed") is False for i in indicators))
 
 
 def leaderboard_tables(doc: dict, markdown: bool = True) -> list[tuple[str, str]]:
     """``(title, table)`` per (dataset, structure): one row per method, columns arch x sparsity,
     cells ``clean / robust`` with the best robust accuracy per column in bold (among the records
-    that met their sparsity target, :func:`ranked`). The dense
+    that met their sparsity target and passed every indicator, :func:`ranked`). The dense
     reference appears in every table in its own ``dense`` column (no sparsity to claim)."""
     recs = doc["records"]
     fmt = "github" if markdown else "simple"
@@ -594,7 +597,7 @@ def render_markdown(doc: dict) -> str:
         if title in notes:
             lines += [notes[title], ""]
     lines += ["Cells read `clean / robust` accuracy in percent on the evaluation points; robust is the point-wise "
-              "worst case over the preset's attacks; the best robust accuracy per column is bold (among cells that met their sparsity target); PASS/FAIL is the "
+              "worst case over the preset's attacks; the best robust accuracy per column is bold (among cells that met their sparsity target and passed every attack-failure indicator); PASS/FAIL is the "
               "cell's conformance verdict (sparsity, clean and robust floors); XFAIL is a failure the method declares as "
               "known (reason in the detail table).", ""]
     survey = _survey_table(doc)
@@ -648,8 +651,13 @@ METRICS = {"clean_acc": lambda r: r.get("clean_acc"), "robust_acc": lambda r: (r
            "sparsity": lambda r: r.get("achieved_sparsity")}
 
 
-def parse_compare_fail(spec: str) -> list[Threshold]:
-    """``"robust_acc:1.0,clean_acc:2%"`` -> thresholds. Raises ValueError with the accepted forms."""
+DEFAULT_COMPARE_FAIL = "robust_acc:1.0,clean_acc:2%"
+
+
+def parse_compare_fail(spec: str | None) -> list[Threshold]:
+    """``"robust_acc:1.0,clean_acc:2%"`` -> thresholds (None: :data:`DEFAULT_COMPARE_FAIL`). Raises
+    ValueError with the accepted forms."""
+    spec = DEFAULT_COMPARE_FAIL if spec is None else spec
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         metric, _, value = part.partition(":")
@@ -681,8 +689,10 @@ def regressions(records: list[dict], baseline: list[dict], thresholds: list[Thre
             ours, theirs = METRICS[t.metric](rec), METRICS[t.metric](old)
             if theirs is None:
                 continue
-            if ours is None:  # the cell measured before and now errors or was not evaluated
-                ours = 0.0
+            if ours is None:
+                if rec.get("status") in INCOMPLETE:  # this run did not measure it (-k, an interrupted run)
+                    continue
+                ours = 0.0  # the cell measured before and now errors
             allowed = theirs * t.margin / 100 if t.relative else t.margin / 100
             if ours < theirs - allowed - 1e-12:
                 cell = f"{rec['method']}-{rec['dataset']}-{rec['arch']}-{rec['structure']}-{round(100 * rec['target_sparsity'])}"
@@ -699,7 +709,7 @@ def add_compare_options(add, prefix: str) -> None:
     ``add_argument``) with ``prefix`` (``--advprune-`` or ``--``), so both front ends agree."""
     add(f"{prefix}compare", dest="advprune_compare", default=None, metavar="PATH.json",
         help="baseline report JSON (e.g. the committed reports/quick.json) to compare every cell against")
-    add(f"{prefix}compare-fail", dest="advprune_compare_fail", default="robust_acc:1.0,clean_acc:2%",
+    add(f"{prefix}compare-fail", dest="advprune_compare_fail", default=None,
         metavar="SPEC", help="allowed drop per metric: METRIC:POINTS or METRIC:PERCENT%%, comma separated "
         "(metrics: clean_acc, robust_acc, sparsity; default robust_acc:1.0,clean_acc:2%%)")
 
@@ -782,6 +792,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     json_path = args.output.with_suffix(".json")
     previous = load(json_path, lambda line: print(line, file=sys.stderr))
+    if previous is not None and previous.get("preset") not in (None, merged["preset"]):
+        print(f"error: {json_path} holds preset {previous['preset']!r}, not {merged['preset']!r}; pass an -o of that "
+              "preset's report (the output holds exactly the merged inputs)", file=sys.stderr)
+        return 2
     print(diff_markdown(previous, merged))
     status = 0
     if baseline is not None:

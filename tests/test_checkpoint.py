@@ -675,7 +675,7 @@ USAGE_CASES = {
                    "--advprune-dataset"),
     "dataset-vs-preset": (checkpoint_args(Path("m.pt")) + ["--advprune-dataset=cifar10"], "does not match preset smoke"),
     "missing-file": (checkpoint_args(Path("absent.pt")), "--advprune-checkpoint=absent.pt: no such file"),
-    "with-a-method": (checkpoint_args(Path("m.pt"), "90", "--advprune-method=hydra"),
+    "with-a-method": (["--advprune-checkpoint=m.pt", "--advprune-method=hydra"],
                       "--advprune-checkpoint evaluates one model: drop --advprune-method"),
     "name-of-a-method": (checkpoint_args(Path("m.pt"), "90", "--advprune-name=hydra"),
                          "--advprune-name=hydra is a registered method; the checkpoint's row would replace that method's"),

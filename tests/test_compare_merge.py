@@ -245,7 +245,7 @@ def test_merge_cli_writes_markdown_and_json_and_prints_the_diff(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["x.json", "x.md"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.suffix != ".lock") == ["x.json", "x.md"]
     merged = json.loads((out / "x.json").read_text())
     assert merged == {**merge_documents([json.loads(a.read_text()), json.loads(b.read_text())]),
                       "updated": merged["updated"], "curves_dir": "x_curves"}  # no FMN records here: no figures
@@ -258,6 +258,15 @@ def test_merge_cli_writes_markdown_and_json_and_prints_the_diff(tmp_path):
     assert report.main(["merge", str(out / "x.json"), str(c), "-o", str(out / "x.md")]) == 0
     assert {cell_id(r): r["robust_acc"]["worst_case"] for r in json.loads((out / "x.json").read_text())["records"]} == {
         "lwm-fashion_mnist-cnn-weights-90": 0.48, "lwm-fashion_mnist-cnn-weights-95": 0.30}
+
+
+def test_merge_cli_refuses_to_overwrite_a_report_of_another_preset(tmp_path, capsys):
+    quick = write(tmp_path / "x.json", doc([rec(preset="quick")], preset="quick"))
+    before = quick.read_bytes()
+    a = write(tmp_path / "A.json", doc([rec()]))
+    assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 2
+    assert "x.json holds preset 'quick', not 'smoke'" in capsys.readouterr().err
+    assert quick.read_bytes() == before and not (tmp_path / "x.md").exists()
 
 
 def test_merge_cli_diff_against_the_previous_output(tmp_path, capsys):
@@ -378,6 +387,23 @@ def test_bad_compare_fail_is_a_usage_error(advprune, value):
     errors = [line for line in result.errlines if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("ERROR: --advprune-compare-fail:"), errors
     assert not (advprune.pytester.path / "reports").exists()
+
+
+def test_compare_options_that_could_compare_nothing_are_usage_errors(advprune):
+    quick = write(advprune.pytester.path / "Q.json", doc([rec(preset="quick")], preset="quick"))
+    for args, needle in (([f"--advprune-compare={quick}"], "holds preset 'quick', not 'smoke': no cell could be compared"),
+                         (["--advprune-compare-fail=robust_acc:1"], "--advprune-compare-fail needs --advprune-compare")):
+        result = advprune.inprocess("--advprune-method=dense", *args)
+        assert result.ret == USAGE
+        errors = [line for line in result.errlines if line.strip()]
+        assert len(errors) == 1 and needle in errors[0], errors
+
+
+def test_a_k_run_is_compared_only_on_what_it_measured(advprune, dense_report):
+    path = write(advprune.pytester.path / "BASE.json", dense_report)
+    result = advprune.inprocess("--advprune-method=dense", f"--advprune-compare={path}", "-k", "sparsity")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    assert "regression(s) against" not in result.stdout.str()
 
 
 def test_missing_compare_baseline_is_a_usage_error_before_anything_runs(advprune):

@@ -657,6 +657,27 @@ def test_corrupt_report_is_moved_aside(advprune, dense_cache):
 # ------------------------------------------------------------------ ini options, floors, verbosity
 
 
+def test_ini_paths_are_taken_from_the_ini_files_folder_and_the_compare_options_can_be_set_there(advprune, dense_cache,
+                                                                                                 monkeypatch):
+    advprune.inprocess("--advprune-method=dense").assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
+    base = advprune.load_report()
+    base["records"][0]["robust_acc"]["worst_case"] += 0.3  # a baseline this run falls short of
+    (advprune.pytester.path / "BASE.json").write_text(json.dumps(base))
+    advprune.pytester.makepyprojecttoml(f"""
+        [tool.pytest.ini_options]
+        advprune_cache_dir = "{dense_cache}"
+        advprune_report = "ini-reports/smoke.md"
+        advprune_compare = "BASE.json"
+        advprune_compare_fail = "robust_acc:1.0"
+    """)
+    sub = advprune.pytester.path / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    result = advprune.inprocess("--advprune-method=dense", cache=False, report=False)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED and "1 regression(s) against" in result.stdout.str()
+    assert (advprune.pytester.path / "ini-reports" / "smoke.json").exists() and not (sub / "ini-reports").exists()
+
+
 def test_ini_options_are_used_and_the_command_line_wins(advprune, dense_cache, monkeypatch):
     fallback = advprune.pytester.path / "env-cache"
     monkeypatch.setenv("ADVPRUNE_CACHE_DIR", str(fallback))  # where the run would go without the ini value

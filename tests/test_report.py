@@ -294,6 +294,18 @@ def test_a_cell_that_missed_its_sparsity_target_is_never_the_columns_best():
     assert "resnet18 90%: best hydra" in report.mcnemar_notes(doc)[lb_title("cifar10", "weights")]
 
 
+def test_a_cell_whose_attack_failure_indicator_failed_is_never_the_columns_best():
+    """An untrustworthy robust accuracy (e.g. gradient masking caught by black_box) is shown, not ranked."""
+    masked = {"black_box": {"passed": False, "value": 0.03, "threshold": 0.01, "message": "Square beats APGD-T"},
+              "gradients": {"passed": True, "value": 0.0, "threshold": 0.01, "message": "ok"}}
+    cheat, honest = "1" * 70 + "0" * 30, "1" * 40 + "0" * 60
+    doc = document([_paired("masked", cheat, 90) | {"status": "FAIL", "indicators": masked},
+                    _paired("hydra", honest, 90), _paired("lwm", honest[:-1] + "0", 90)])
+    col = column(tables(report.render_markdown(doc))[lb_title("cifar10", "weights")], "resnet18 90%")
+    assert col["masked"] == "80.0 / 70.0 FAIL" and col["hydra"].startswith("**")
+    assert "resnet18 90%: best hydra" in report.mcnemar_notes(doc)[lb_title("cifar10", "weights")]
+
+
 def test_dense_reference_is_in_its_own_column_of_every_table_and_never_under_a_sparsity():
     doc = _mixed_doc()
     tabs = tables(report.render_markdown(doc))
