@@ -419,6 +419,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
         terminalreporter.write_sep("=", "advprune leaderboard")
         terminalreporter.write_line(report.terminal_summary(report.load(paths[1])))
+        for line in config.stash[_SESSION].notices:
+            terminalreporter.write_line(line)
         terminalreporter.write_line(f"report: {paths[0]} (JSON: {paths[1]})")
     rows = config.stash.get(_REGRESSIONS, None)
     if rows:

@@ -303,14 +303,14 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
     json_path = md_path.with_suffix(".json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(json_path):
-        doc = load(json_path, session.log) or {"schema": SCHEMA, "records": [], "taxonomy": {}}
+        doc = load(json_path, session.notice) or {"schema": SCHEMA, "records": [], "taxonomy": {}}
         if doc.get("preset") not in (None, session.preset.name):
             raise ReportMismatch(f"{json_path} holds preset {doc['preset']!r}, not {session.preset.name!r}; "
                              f"pass --advprune-report=reports/{session.preset.name}.md")
         stale = [r for r in doc["records"] if r.get("protocol") != protocol_id(session.preset)]
         if stale:
             # Never lost: a record of an older protocol leaves the leaderboard, kept until its cell is re-run.
-            session.log(f"report: {len(stale)} record(s) of an older protocol of preset {session.preset.name} moved to "
+            session.notice(f"report: {len(stale)} record(s) of an older protocol of preset {session.preset.name} moved to "
                         f"'superseded' (re-run those cells to bring them back under the current protocol)")
             doc["records"] = [r for r in doc["records"] if r not in stale]
         fresh = {_key(r) for r in records if r["status"] not in INCOMPLETE}  # a partial run re-checks nothing whole
@@ -319,7 +319,7 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
         kept = []
         doc["records"] = merge(doc["records"], records, kept.append)
         if kept:
-            session.log(f"report: kept the earlier whole verdict of {len(kept)} cell(s) this run checked only in part "
+            session.notice(f"report: kept the earlier whole verdict of {len(kept)} cell(s) this run checked only in part "
                         f"({', '.join(_cell_id(r) for r in kept[:3])}{' ...' if len(kept) > 3 else ''}); run all "
                         "of a cell's tests to replace it")
         doc["curves_dir"] = curves_dir(md_path).name

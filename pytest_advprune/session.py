@@ -259,6 +259,7 @@ class AdvPruneSession:
         self._data: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dense: dict[str, nn.Module] = {}
         self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.notices: list[str] = []
 
     # ---------------------------------------------------------------- grid
 
@@ -604,6 +605,11 @@ class AdvPruneSession:
     def run_records(self) -> list[dict]:
         """Records of the cells this process ran checks of (cells never reached are left out)."""
         return [r for r in self.records() if r["status"] != "not run"]
+
+    def notice(self, message: str) -> None:
+        """Keep a message about the report (a record kept or moved aside) for the end of the run; unlike
+        :attr:`log`'s progress lines it is shown under ``-q`` too."""
+        self.notices.append(message)
 
     def finish(self, records: list[dict] | None = None) -> tuple[Path, Path] | None:
         """Merge ``records`` (default: this process's :meth:`run_records`; a pytest-xdist controller

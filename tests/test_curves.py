@@ -69,7 +69,7 @@ def test_only_figures_whose_inputs_changed_are_redrawn(tmp_path, monkeypatch):
 
 
 def test_report_write_draws_the_curves_and_links_them(tmp_path):
-    session = SimpleNamespace(preset=presets.QUICK, log=lambda s: None)
+    session = SimpleNamespace(preset=presets.QUICK, log=lambda s: None, notice=lambda s: None)
     recs = [dict(r, protocol=report.protocol_id(presets.QUICK)) for r in _doc()["records"]]
     md_path, json_path = report.write(tmp_path / "out" / "quick.md", recs, session)
     doc = json.loads(json_path.read_text())

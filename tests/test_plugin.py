@@ -604,7 +604,7 @@ def test_partial_run_does_not_pass_a_cell(advprune, dense_cache):
 def test_a_partial_rerun_keeps_the_cells_whole_verdict_in_the_report(advprune, dense_cache):
     advprune.inprocess("--advprune-method=dense").assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
     whole = advprune.records()[DENSE]
-    result = advprune.inprocess("--advprune-method=dense", "-k", "clean_accuracy")
+    result = advprune.inprocess("--advprune-method=dense", "-k", "clean_accuracy", "-q")  # shown under -q too
     result.assert_outcomes(passed=1, deselected=PER_CELL - 1)
     assert advprune.records()[DENSE] == whole
     assert "kept the earlier whole verdict of 1 cell(s) this run checked only in part (dense-cnn-dense-0)" in result.stdout.str()

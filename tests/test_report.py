@@ -562,7 +562,7 @@ def test_two_corrupt_reports_in_one_second_are_both_kept(tmp_path, monkeypatch):
 def fake_session():
     registry.load_builtin()
     logged: list[str] = []
-    return SimpleNamespace(preset=presets.SMOKE, log=logged.append, logged=logged)
+    return SimpleNamespace(preset=presets.SMOKE, log=logged.append, notice=logged.append, logged=logged)
 
 
 def smoke(method="hydra", structure="weights", sparsity=90, **kw):
