@@ -238,16 +238,22 @@ def load(json_path: Path, log=lambda s: None) -> dict[str, Any] | None:
 INCOMPLETE = ("partial", "not run")
 
 
+def whole_verdict(rec: dict) -> bool:
+    """Whether a record holds its cell's whole verdict: not from a run that checked the cell only in
+    part (status ``partial`` or ``not run``: a ``-k`` selection, an interrupted run)."""
+    return rec.get("status") not in INCOMPLETE
+
+
 def merge(old: list[dict], new: list[dict], on_kept: Callable[[dict], None] = lambda rec: None) -> list[dict]:
     """Records of ``old`` not in ``new`` (by cell key), then all of ``new``, sorted by cell key.
 
     A record of a run that checked a cell only in part (status ``partial`` or ``not run``: a ``-k``
     selection, an interrupted run) never replaces one that holds the cell's whole verdict; that one
     is kept and passed to ``on_kept``."""
-    whole = {_key(r): r for r in old if r["status"] not in INCOMPLETE}
+    whole = {_key(r): r for r in old if whole_verdict(r)}
     fresh = {}
     for rec in new:
-        if rec["status"] in INCOMPLETE and _key(rec) in whole:
+        if not whole_verdict(rec) and _key(rec) in whole:
             on_kept(whole[_key(rec)])
         else:
             fresh[_key(rec)] = rec
@@ -313,7 +319,7 @@ def write(md_path: Path, records: list[dict], session: "AdvPruneSession") -> tup
             session.notice(f"report: {len(stale)} record(s) of an older protocol of preset {session.preset.name} moved to "
                         f"'superseded' (re-run those cells to bring them back under the current protocol)")
             doc["records"] = [r for r in doc["records"] if r not in stale]
-        fresh = {_key(r) for r in records if r["status"] not in INCOMPLETE}  # a partial run re-checks nothing whole
+        fresh = {_key(r) for r in records if whole_verdict(r)}  # a partial run re-checks nothing whole
         doc["superseded"] = [r for r in merge(doc.get("superseded", []), stale) if _key(r) not in fresh]
         _describe(doc, records, session)
         kept = []
@@ -690,7 +696,7 @@ def regressions(records: list[dict], baseline: list[dict], thresholds: list[Thre
             if theirs is None:
                 continue
             if ours is None:
-                if rec.get("status") in INCOMPLETE:  # this run did not measure it (-k, an interrupted run)
+                if not whole_verdict(rec):  # this run did not measure it (-k, an interrupted run)
                     continue
                 ours = 0.0  # the cell measured before and now errors
             allowed = theirs * t.margin / 100 if t.relative else t.margin / 100
@@ -735,7 +741,7 @@ def merge_documents(docs: list[dict]) -> dict:
     for d in docs:
         out["records"] = merge(out["records"], d["records"])
         out["taxonomy"].update(d.get("taxonomy", {}))
-    whole = {_key(r) for r in out["records"] if r["status"] not in INCOMPLETE}
+    whole = {_key(r) for r in out["records"] if whole_verdict(r)}
     superseded = merge([], [r for d in docs for r in d.get("superseded", [])])
     out["superseded"] = [r for r in superseded if _key(r) not in whole]
     out["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -152,9 +152,8 @@ class PruneContext:
         if self.from_scratch and model is self.dense:
             raise OverBudget(f"{desc}: trains ctx.dense, which is pretrained, after ctx.fresh_model() made the cell "
                              "from scratch; train the fresh model")
-        pretrain = 0.0 if self.from_scratch else self.preset.dense_train.epochs
-        if pretrain + self.trained_epochs + spec.epochs > self.budget_epochs + 1e-6:  # 1e-6: sums of epoch fractions
-            raise OverBudget(f"{desc}: {spec.epochs:g} more epochs would make {pretrain:g} + "
+        if self.pretrain_epochs + self.trained_epochs + spec.epochs > self.budget_epochs + 1e-6:  # 1e-6: epoch fractions
+            raise OverBudget(f"{desc}: {spec.epochs:g} more epochs would make {self.pretrain_epochs:g} + "
                              f"{self.trained_epochs + spec.epochs:g} of the preset's budget of {self.budget_epochs:g} "
                              f"(dense pretraining + prune phase + fine-tune); split the budget between the phases")
         self.trained_epochs += spec.epochs
@@ -163,9 +162,14 @@ class PruneContext:
             desc=desc, augment=data.DATASETS[self.preset.dataset].augment, **kwargs,
         )
 
+    @property
+    def pretrain_epochs(self) -> float:
+        """The dense model's training epochs, which the cell inherits unless it trains from scratch."""
+        return 0.0 if self.from_scratch else self.preset.dense_train.epochs
+
     def budget(self) -> dict[str, float]:
-        """Epochs spent: ``pretrain`` (the dense model's, unless trained from scratch), ``method``, ``total``."""
-        pretrain = 0.0 if self.from_scratch else self.preset.dense_train.epochs
+        """Epochs spent: ``pretrain`` (:attr:`pretrain_epochs`), ``method``, ``total``."""
+        pretrain = self.pretrain_epochs
         return {"pretrain": pretrain, "method": self.trained_epochs, "total": pretrain + self.trained_epochs}
 
 
