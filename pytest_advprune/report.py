@@ -75,8 +75,8 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
         "known_failure": res.known_failure,
         "checks": dict(outcomes), "skip_reason": res.skip_reason, "error": res.error,
         "protocol": protocol_id(p),
-        "seed": p.seed, "device": str(session.device), "duration_s": round(res.duration_s, 2),
-        "versions": versions, "date": session.started.isoformat(timespec="seconds"),
+        "seed": p.seed, **computed_on(res.provenance, str(session.device), versions), "duration_s": round(res.duration_s, 2),
+        "provenance": dict(sorted(res.provenance.items())), "date": session.started.isoformat(timespec="seconds"),
     }
     if res.budget is not None:
         rec["train_epochs"] = {**res.budget, "preset_budget": p.dense_train.epochs + p.prune_train.epochs + p.finetune.epochs}
@@ -105,6 +105,18 @@ def make_record(cell: "Cell", res: "CellResult", session: "AdvPruneSession", ver
     if res.indicators is not None:
         rec["indicators"] = {k: {f: v for f, v in ind.to_dict().items() if f != "name"} for k, ind in res.indicators.items()}
     return rec
+
+
+def computed_on(provenance: dict[str, dict | None], run_device: str, run_versions: dict[str, str]) -> dict[str, Any]:
+    """A record's ``device`` and ``versions``: those stored with the artefact its numbers come from (the
+    evaluation, else the model for a sparsity-only record), which a shared cache may have brought from
+    another machine; ``device`` ``"unknown"`` (and this run's versions) for an artefact cached before
+    provenance was stored; this run's (``run_device``, ``run_versions``) for a cell that built nothing
+    (skipped, or failed before its model existed)."""
+    if not provenance:
+        return {"device": run_device, "versions": run_versions}
+    built = provenance.get("evaluation" if "evaluation" in provenance else "model") or {}
+    return {"device": built.get("device", "unknown"), "versions": built.get("versions", run_versions)}
 
 
 def _fmn_record(ev, eps: float) -> dict[str, Any]:

@@ -196,6 +196,9 @@ class CellResult:
     inference: dict | None = None
     eval_key: str | None = None
     indicators: dict | None = None  # name -> indicators.Indicator, once computed
+    # stage (model: trained or pruned; evaluation; fmn) -> where and when that artefact was computed
+    # (:meth:`AdvPruneSession.built`), None when unknown (a cache entry written before this was recorded)
+    provenance: dict[str, dict | None] = field(default_factory=dict)
 
 
 def versions() -> dict[str, str]:
@@ -262,6 +265,7 @@ class AdvPruneSession:
         self._results: dict[Cell, CellResult] = {}
         self._data: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dense: dict[str, nn.Module] = {}
+        self._dense_built: dict[str, dict | None] = {}
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.notices: list[str] = []
 
@@ -359,6 +363,13 @@ class AdvPruneSession:
 
     # ---------------------------------------------------------------- building
 
+    def built(self) -> dict:
+        """Provenance stored with every artefact this process builds: ``device``, UTC ``date`` and
+        :func:`versions`. A cache shared between machines serves artefacts built elsewhere, so each
+        record reports its artefacts' provenance, not the device of the run that reads them."""
+        return {"device": str(self.device), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "versions": versions()}
+
     def check_data(self) -> None:
         """Load the test split now if any cell will run, so a missing dataset is one error before any
         cell (:class:`~pytest_advprune.errors.DatasetNotFound`), not an ERROR replacing every cell's
@@ -388,12 +399,13 @@ class AdvPruneSession:
             adversarial_train(model, x, y, p.dense_train, seed=p.seed, device=self.device, log=self.log, desc=f"dense {arch}",
                               augment=data.DATASETS[p.dataset].augment)
             check_finite(model)
-            return model.state_dict(), {"train_s": time.perf_counter() - t0, "device": str(self.device)}
+            return model.state_dict(), {"train_s": time.perf_counter() - t0, "built": self.built()}
 
-        state, _, _ = self.cache.state("dense", key, build)
+        state, meta, _ = self.cache.state("dense", key, build)
         model = models.build(arch, p.dataset, p.seed)
         model.load_state_dict(state, strict=True)
         self._dense[arch] = model.to(self.device).eval()
+        self._dense_built[arch] = meta.get("built")
         return self._dense[arch]
 
     def _cached_dense(self, arch: str) -> nn.Module | None:
@@ -414,7 +426,8 @@ class AdvPruneSession:
             dense = self.dense_model(cell.arch)
             if cell.structure == "dense":
                 epochs = p.dense_train.epochs
-                return dense.state_dict(), {"prune_s": 0.0, "budget": {"pretrain": epochs, "method": 0.0, "total": epochs}}
+                return dense.state_dict(), {"prune_s": 0.0, "budget": {"pretrain": epochs, "method": 0.0, "total": epochs},
+                                            "built": self._dense_built.get(cell.arch)}
             x, y = self._split(True)
             ctx = PruneContext(
                 copy.deepcopy(dense), cell.structure, cell.sparsity / 100, p, x, y, self.device, p.seed,
@@ -431,7 +444,7 @@ class AdvPruneSession:
             if problem:  # checked before caching, so the cache never holds a model that cannot load
                 raise BadPrunedModel(f"{cell.method}.prune returned a model that does not fit the {cell.arch} "
                                      f"architecture: {problem}; prune ctx.dense in place and return it")
-            return state, {"prune_s": time.perf_counter() - t0, "budget": ctx.budget()}
+            return state, {"prune_s": time.perf_counter() - t0, "budget": ctx.budget(), "built": self.built()}
 
         state, meta, _ = self.cache.state("pruned", key, build)
         model = models.build(cell.arch, p.dataset, p.seed)
@@ -467,6 +480,7 @@ class AdvPruneSession:
         res.sparsity = measure(model, res.cell.structure)
         res.duration_s = meta.get("prune_s", 0.0)
         res.budget = meta.get("budget")
+        res.provenance["model"] = meta.get("built")
         info = data.DATASETS[res.cell.dataset]  # parameters, FLOPs, latency: measured, never cached, never failing
         res.inference = compact.inference_cost(model, res.cell.structure, (info.channels, info.size, info.size), self.device)
 
@@ -480,14 +494,15 @@ class AdvPruneSession:
             prefixes = (dataclasses.replace(self.preset, autoattack=a) for a in self.preset.autoattack.prefixes())
             earlier = next(filter(None, (self.cache.load_json("eval", self.eval_key(identity, p)) for p in prefixes)), None)
             resume = Evaluation.from_dict(earlier) if earlier else None
-            return evaluate(res.model, x, y, self.preset, self.device, log, resume=resume).to_dict()
+            return {**evaluate(res.model, x, y, self.preset, self.device, log, resume=resume).to_dict(), "built": self.built()}
 
         key = self.eval_key(identity)
         payload, _ = self.cache.json("eval", key, build)
         res.evaluation = Evaluation.from_dict(payload)
+        res.provenance["evaluation"] = payload.get("built")
         res.duration_s += res.evaluation.duration_s
         if self.preset.fmn is not None:
-            result = self._fmn(res.model, identity, log)
+            result, res.provenance["fmn"] = self._fmn(res.model, identity, log)
             res.evaluation = with_fmn(res.evaluation, result, self.preset.eps)
             res.duration_s += result.seconds
 
@@ -500,20 +515,21 @@ class AdvPruneSession:
         return digest({"kind": "fmn", "model": identity, "code": code_digest(f"{PACKAGE}.fmn", *_SPLIT_AND_FORWARD),
                        "data": p.fingerprint("dataset", "n_eval", "seed"), "fmn": dataclasses.asdict(p.fmn)})
 
-    def _fmn(self, model: nn.Module, identity: str, log: Callable[[str], None]) -> FMNResult:
+    def _fmn(self, model: nn.Module, identity: str, log: Callable[[str], None]) -> tuple[FMNResult, dict | None]:
         """FMN distances of ``model`` on the evaluated points, cached in their own kind (``fmn``) by
         the model's :meth:`model_identity`, the preset's FMN spec and the FMN code, so the
-        AutoAttack evaluations stay valid."""
+        AutoAttack evaluations stay valid; with where they were computed (:meth:`built`, None if unknown)."""
         p = self.preset
         key = self.fmn_key(identity)
 
         def build() -> dict:
             x, y = self._split(False)
             x_tune, y_tune = self._tuning_split()
-            return run_fmn(model, x, y, x_tune, y_tune, p.fmn, p.eval_batch, self.device, p.seed, log).to_dict()
+            return {**run_fmn(model, x, y, x_tune, y_tune, p.fmn, p.eval_batch, self.device, p.seed, log).to_dict(),
+                    "built": self.built()}
 
         payload, _ = self.cache.json("fmn", key, build)
-        return FMNResult.from_dict(payload)
+        return FMNResult.from_dict(payload), payload.get("built")
 
     def _tuning_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """FMN's tuning points, disjoint from the evaluated ones: the test points right after the

@@ -593,3 +593,47 @@ def test_a_corrupt_cached_dense_model_is_rebuilt_when_needed_as_the_transfer_sou
     assert model is not None and entry.exists()
     assert AdvPruneSession(RunConfig(presets.get("smoke"), ["lwm"], cache_dir=str(cache),
                                      device="cpu"))._cached_dense("cnn") is not None
+
+
+def test_a_record_reports_where_its_cached_artefacts_were_computed_not_the_reading_runs_device(dense_cache, tmp_path):
+    """A cache shared between machines: the dense cell's model and evaluation were built "elsewhere"
+    (their stored provenance says cuda:0, other versions); this CPU run's record must say so, and
+    an entry cached before provenance was stored reads "unknown", never this run's device."""
+    import shutil
+
+    from pytest_advprune import presets, registry, report
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
+
+    registry.load_builtin()
+    cache_dir = shutil.copytree(dense_cache, tmp_path / "cache")
+    cell = Cell("dense", "fashion_mnist", "cnn", "dense", 0)
+    elsewhere = {"device": "cuda:0", "date": "2026-01-02T03:04:05+00:00", "versions": {"torch": "9.9.9"}}
+
+    def session():
+        return AdvPruneSession(RunConfig(presets.get("smoke"), ["dense"], cache_dir=str(cache_dir), device="cpu"))
+
+    def rewrite(kind, key, change):
+        cache = session().cache
+        wrapper = cache.load_json(kind, key)
+        change(wrapper)
+        cache.save_json(kind, key, wrapper)
+
+    first = session()
+    res = first.result(cell)
+    assert res.error is None
+    assert res.provenance["evaluation"]["device"] == "cpu" and res.provenance["model"]["device"] == "cpu"
+    eval_key = res.eval_key
+    rewrite("eval", eval_key, lambda payload: payload.update(built=elsewhere))
+    rewrite("pruned", first.pruned_key(cell), lambda info: info["meta"].update(built=elsewhere))
+
+    again = session()
+    rec = report.make_record(cell, again.result(cell), again, versions())
+    assert again.device.type == "cpu"
+    assert rec["device"] == "cuda:0" and rec["versions"] == {"torch": "9.9.9"}
+    assert rec["provenance"]["evaluation"] == elsewhere and rec["provenance"]["model"] == elsewhere
+    assert rec["provenance"]["fmn"]["device"] == "cpu"
+
+    rewrite("eval", eval_key, lambda payload: payload.pop("built"))
+    old = session()
+    rec = report.make_record(cell, old.result(cell), old, versions())
+    assert rec["device"] == "unknown" and rec["provenance"]["evaluation"] is None

@@ -90,10 +90,12 @@ def _fake_cell_result(outcomes, skip_reason=None, error=None, evaluated=True):
                          warnings=["w"], duration_s=1.234)
     sp = SimpleNamespace(sparsity=0.9, weight_sparsity=0.89, per_layer={"fc": (9, 10)})
     cell = SimpleNamespace(method="hydra", dataset="fashion_mnist", arch="cnn", structure="weights", sparsity=90)
+    built = {"device": "cpu", "date": STAMP, "versions": {"python": "3.11"}}
     res = SimpleNamespace(outcomes=dict(outcomes), skip_reason=skip_reason, error=error, duration_s=3.14159,
                           sparsity=sp if evaluated else None, evaluation=ev if evaluated else None,
                           budget={"pretrain": 3.0, "method": 2.0, "total": 5.0} if evaluated else None,
-                          known_failure=None, inference=None, indicators=None)
+                          known_failure=None, inference=None, indicators=None,
+                          provenance={"model": built, "evaluation": built} if evaluated else {})
     session = SimpleNamespace(preset=presets.SMOKE, device="cpu", started=_dt.datetime(2025, 1, 2, 3, 4, 5),
                               floors=lambda cell: (0.01, 0.5, 0.25))
     return cell, res, session
@@ -773,3 +775,15 @@ def test_make_record_keeps_fmn_distances_json_safe_and_the_three_numbers():
     assert f["median"] == {"linf": 0.3, "l2": 0.3}  # the lower middle value of an even count, as torch.median and f["seconds"] == {"fmn": 8.0, "autoattack_pgd": 12.0}
     assert f["norms"]["linf"]["config_label"] == "logit/sgd/cosine lr 1"
     assert set(rec["ci95_attacks"]) == {"PGD-5", "AA:apgd-ce", "FMN-Linf"}
+
+
+@pytest.mark.parametrize("provenance, device, torch_version", [
+    ({}, "cpu", "run"),  # skipped, or failed before its model existed: this run decided it
+    ({"model": {"device": "cuda:1", "versions": {"torch": "model"}}}, "cuda:1", "model"),  # sparsity-only record
+    ({"model": {"device": "cuda:1", "versions": {"torch": "model"}},
+      "evaluation": {"device": "cuda:0", "versions": {"torch": "eval"}}}, "cuda:0", "eval"),
+    ({"model": {"device": "cuda:1", "versions": {"torch": "model"}}, "evaluation": None}, "unknown", "run"),
+    ({"model": None}, "unknown", "run"),
+])
+def test_a_records_device_and_versions_are_those_its_numbers_were_computed_with(provenance, device, torch_version):
+    assert report.computed_on(provenance, "cpu", {"torch": "run"}) == {"device": device, "versions": {"torch": torch_version}}
