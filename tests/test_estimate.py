@@ -28,13 +28,13 @@ def test_train_passes_count_the_attack_steps_and_the_training_step():
 
 def test_eval_passes_follow_the_cascade():
     # quick: clean forward, PGD-20 on all points, APGD-CE on the correct ones, then on the robust ones APGD-T
-    # (3 targets) and Square (1000 queries, forwards: a third of a pass each); FMN Linf and L2 (100 steps)
+    # (3 targets) and Square (3000 queries, forwards: a third of a pass each); FMN Linf and L2 (100 steps)
     # on the correct points plus their tuning grids; the indicators on their 200 points
     fmn = presets.QUICK.fmn
     indicators = 200 * ((3 + 2) / 3 + 1 + 10 * (2 + 4) + 20)
     assert indicator_passes(1000) == pytest.approx(indicators) and indicator_passes(50) == pytest.approx(indicators / 4)
     assert eval_passes(presets.QUICK, 0.8, 0.5) == pytest.approx(
-        1000 * (1 / 3 + 20 + 0.8 * 100 + 0.5 * (300 + 1000 / 3)) + 2 * 0.8 * 1000 * 100 + fmn.tuning_cost() + indicators)
+        1000 * (1 / 3 + 20 + 0.8 * 100 + 0.5 * (300 + 3000 / 3)) + 2 * 0.8 * 1000 * 100 + fmn.tuning_cost() + indicators)
     # standard: APGD-T and FAB-T with 9 targets, Square's 5000 queries are forwards (a third of a pass)
     cifar = presets.PRESETS["cifar10"]
     expected = 10000 * (1 / 3 + 20 + 1.0 * 100 + 0.5 * (900 + 900 + 5000 / 3))
