@@ -10,7 +10,9 @@ The last line is the headline: the largest gap (points) between subset and stand
     python benchmarks/attack_subset.py [--preset quick] [--cell lwm-weights-90[,hydra-weights-90]] [--cache-dir DIR]
                                        [--standard-from reports/benchmarks/attack_subset_quick.json]
 
-Writes ``reports/benchmarks/attack_subset_<preset>.json``. Trains/prunes what is not cached.
+Writes ``reports/benchmarks/attack_subset_<preset>.json``. Trains/prunes what is not cached, with the
+suite's thread setting (torch's default, or env ``ADVPRUNE_THREADS``), so a cell it builds is the one
+``pytest --advprune-method=...`` would build and cache.
 Every model is identified by the sha256 of its weights; ``--standard-from`` reuses an earlier
 run's AutoAttack standard result (hours on a CPU) for a model whose sha256 matches, and only for it.
 """
@@ -22,7 +24,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from tabulate import tabulate
 
 from pytest_advprune import presets, registry
@@ -89,5 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()
