@@ -613,7 +613,7 @@ def test_a_record_reports_where_its_cached_artefacts_were_computed_not_the_readi
         return AdvPruneSession(RunConfig(presets.get("smoke"), ["dense"], cache_dir=str(cache_dir), device="cpu"))
 
     def rewrite(kind, key, change):
-        cache = session().cache
+        cache = Cache(cache_dir)
         wrapper = cache.load_json(kind, key)
         change(wrapper)
         cache.save_json(kind, key, wrapper)
