@@ -58,6 +58,18 @@ def _opt(config: pytest.Config, name: str):
     return value
 
 
+def _given(config: pytest.Config, name: str) -> str:
+    """Option ``name`` as the user gave it, for error messages: ``--advprune-NAME=VALUE`` from the
+    command line, else ``advprune_NAME = VALUE in <ini file>`` (the file is where to fix it), else
+    ``--advprune-NAME (not given)``."""
+    key = "advprune_" + name.replace("-", "_")
+    if config.getoption(key) is not None:
+        return f"--advprune-{name}={config.getoption(key)}"
+    if config.getini(key):
+        return f"{key} = {config.getini(key)} in {config.inipath.name if config.inipath else 'the ini file'}"
+    return f"--advprune-{name} (not given)"
+
+
 def _percent(config: pytest.Config, name: str) -> float | None:
     raw = _opt(config, name)
     if raw is None:
@@ -65,9 +77,9 @@ def _percent(config: pytest.Config, name: str) -> float | None:
     try:
         value = float(raw)
     except ValueError:
-        raise pytest.UsageError(f"--advprune-{name}={raw}: not a number; give a percentage such as 50") from None
+        raise pytest.UsageError(f"{_given(config, name)}: not a number; give a percentage such as 50") from None
     if not 0 <= value <= 100:
-        raise pytest.UsageError(f"--advprune-{name}={raw}: must be a percentage in [0, 100]")
+        raise pytest.UsageError(f"{_given(config, name)}: must be a percentage in [0, 100]")
     return value / 100
 
 
@@ -111,11 +123,11 @@ def _build_session(config: pytest.Config, writes_report: bool = True):
         default = _DATASET_PRESET[checkpoint.dataset] if checkpoint else "quick"
         preset = presets.get(_opt(config, "preset") or default)
         if checkpoint and checkpoint.dataset != preset.dataset:
-            raise pytest.UsageError(f"--advprune-dataset={checkpoint.dataset} does not match preset {preset.name} "
+            raise pytest.UsageError(f"{_given(config, 'dataset')} does not match preset {preset.name} "
                                     f"({preset.dataset}); use --advprune-preset={default}")
         data_dir = _opt(config, "data-dir")
         if data_dir is not None and not Path(data_dir).is_dir():
-            raise pytest.UsageError(f"--advprune-data-dir={data_dir}: no such folder; pass the folder that holds the "
+            raise pytest.UsageError(f"{_given(config, 'data-dir')}: no such folder; pass the folder that holds the "
                                     "dataset in torchvision's format, or leave the option out")
         report = _opt(config, "report") or config.rootpath / "reports" / f"{preset.name}.md"
         if writes_report:
@@ -180,19 +192,19 @@ def _checkpoint_spec(config: pytest.Config):
     if dataset not in DATASETS:
         raise pytest.UsageError(f"--advprune-checkpoint needs --advprune-dataset: one of {', '.join(DATASETS)}")
     if structure not in ("weights", "filters", "channels"):
-        raise pytest.UsageError(f"--advprune-structure={structure}: use weights, filters or channels")
+        raise pytest.UsageError(f"{_given(config, 'structure')}: use weights, filters or channels")
     if normalization not in ("model", "dataset"):
-        raise pytest.UsageError(f"--advprune-normalization={normalization}: use model or dataset")
+        raise pytest.UsageError(f"{_given(config, 'normalization')}: use model or dataset")
     if sparsity is None or not sparsity.isdigit() or not 0 < int(sparsity) < 100:
-        raise pytest.UsageError(f"--advprune-sparsity={sparsity}: give the claimed sparsity as a percentage, e.g. 90")
+        raise pytest.UsageError(f"{_given(config, 'sparsity')}: give the claimed sparsity as a percentage, e.g. 90")
     if not Path(path).is_file():
-        raise pytest.UsageError(f"--advprune-checkpoint={path}: no such file")
+        raise pytest.UsageError(f"{_given(config, 'checkpoint')}: no such file")
     name = _opt(config, "name")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
-        raise pytest.UsageError(f"--advprune-name={name!r}: use letters, digits and _ . + - (it names the report row "
+        raise pytest.UsageError(f"{_given(config, 'name')}: use letters, digits and _ . + - (it names the report row "
                                 "and the test ids)")
     if name in registry.names():
-        raise pytest.UsageError(f"--advprune-name={name} is a registered method; the checkpoint's row would replace "
+        raise pytest.UsageError(f"{_given(config, 'name')} is a registered method; the checkpoint's row would replace "
                                 f"that method's in the report: pick another name, e.g. {name}_checkpoint")
     return CheckpointSpec(path, arch, dataset, structure, int(sparsity), name, normalization)
 

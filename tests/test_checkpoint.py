@@ -680,7 +680,7 @@ USAGE_CASES = {
     "name-of-a-method": (checkpoint_args(Path("m.pt"), "90", "--advprune-name=hydra"),
                          "--advprune-name=hydra is a registered method; the checkpoint's row would replace that method's"),
     "name-breaking-tables": (checkpoint_args(Path("m.pt"), "90", "--advprune-name=my|name"),
-                             "--advprune-name='my|name': use letters, digits and _ . + -"),
+                             "--advprune-name=my|name: use letters, digits and _ . + -"),
 }
 
 

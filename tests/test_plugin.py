@@ -274,6 +274,20 @@ def test_bad_option_is_a_usage_error(advprune, option, fragment):
     assert not advprune.report_json.exists()
 
 
+@pytest.mark.parametrize("ini_line, fragment", [
+    ('advprune_min_robust = "abc"', "advprune_min_robust = abc in pyproject.toml: not a number"),
+    ('advprune_sparsity_tol = "150"', "advprune_sparsity_tol = 150 in pyproject.toml: must be a percentage in [0, 100]"),
+    ('advprune_data_dir = "nonexistent"', "advprune_data_dir = nonexistent in pyproject.toml: no such folder"),
+])
+def test_a_bad_ini_value_names_the_ini_setting_to_fix_not_a_flag_the_user_never_gave(advprune, ini_line, fragment):
+    advprune.pytester.makepyprojecttoml(f"[tool.pytest.ini_options]\n{ini_line}\n")
+    result = advprune.inprocess("--advprune-method=hydra")
+    assert result.ret == USAGE
+    line = single_error_line(result)
+    assert fragment in line and "--advprune-" not in line
+    assert not advprune.report_json.exists()
+
+
 def test_empty_method_option_is_a_usage_error_not_the_projects_own_tests(advprune):
     for value in ("", " "):
         result = advprune.inprocess(f"--advprune-method={value}")
