@@ -25,7 +25,7 @@ from torch import nn
 
 from . import __version__, compact, data, models, registry, report, speed
 from . import checkpoint as ckpt
-from .cache import PACKAGE, Cache, code_digest, digest, weights_digest
+from .cache import PACKAGE, Cache, code_digest, default_dir, digest, weights_digest
 from .errors import AdvPruneError, BadOption, BadPrunedModel, OverBudget
 from .evaluate import Evaluation, check_finite, evaluate, with_fmn
 from .fmn import FMNResult, run_fmn
@@ -57,7 +57,7 @@ class RunConfig:
     methods: list[str]
     device: str = "auto"
     data_dir: str | None = None
-    cache_dir: str = ".advprune-cache"
+    cache_dir: str = field(default_factory=lambda: str(default_dir()))  # the plugin's default too
     report_path: str | None = None
     min_clean: float | None = None
     min_robust: float | None = None

@@ -402,6 +402,14 @@ def test_default_dir_follows_env_else_home(monkeypatch, tmp_path):
     assert default_dir() == tmp_path / ".cache" / "pytest-advprune"
 
 
+def test_an_engine_run_config_without_a_cache_dir_uses_the_shared_default_not_a_folder_in_the_cwd(monkeypatch, tmp_path):
+    from pytest_advprune import presets
+    from pytest_advprune.session import RunConfig
+
+    monkeypatch.setenv("ADVPRUNE_CACHE_DIR", str(tmp_path / "shared"))
+    assert RunConfig(presets.SMOKE, []).cache_dir == str(tmp_path / "shared")
+
+
 METHOD_MODULE = '''
 class Toy(Method):
     name = "toy"
