@@ -32,10 +32,10 @@ import torch
 from tabulate import tabulate
 
 from pytest_advprune import presets, registry
+from pytest_advprune.indicators import square_only
 from pytest_advprune.attacks import pgd
 from pytest_advprune.cache import default_dir
 from pytest_advprune.errors import AdvPruneError
-from pytest_advprune.evaluate import Evaluation
 from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
 
 # (label, AutoAttack attack, {sub-attack attribute: value}); None attack = our PGD with restarts
@@ -47,16 +47,6 @@ RUNS = (
     ("FAB-T, all targets", "fab-t", {"fab.n_target_classes": "all"}),
     ("PGD-50, 10 restarts", None, {}),
 )
-
-
-def square_only(ev: Evaluation) -> torch.Tensor:
-    """Indices of the points robust to every attack but Square and broken by Square (the points the
-    ``black_box`` indicator counts)."""
-    white = ev.clean.tensor().clone()
-    for name, acc in ev.attacks.items():
-        if name != "AA:square":
-            white &= acc.tensor()
-    return (white & ~ev.attacks["AA:square"].tensor()).nonzero().flatten()
 
 
 def broken_by(model, x, y, eps: float, attack: str | None, settings: dict, seed: int, device) -> torch.Tensor:
@@ -79,6 +69,27 @@ def broken_by(model, x, y, eps: float, attack: str | None, settings: dict, seed:
         setattr(getattr(aa, obj), attr, n_classes - 1 if value == "all" else value)
     _, y_adv = aa.run_standard_evaluation(x, y, batch_size=len(y))
     return (y_adv != y).cpu()
+
+
+def analyse(res, x_all: torch.Tensor, y_all: torch.Tensor, preset, device, rows: list[list]) -> dict:
+    """Every run of :data:`RUNS` on the Square-only points of an evaluated cell ``res`` (a
+    ``CellResult``); appends one table row per run and one for all runs together to ``rows``."""
+    idx = square_only(res.evaluation).nonzero().flatten()
+    model = res.model.eval()
+    x, y = x_all[idx].to(device), y_all[idx].to(device)
+    entry = {"square_only_points": len(idx), "of_points": res.evaluation.clean.n, "runs": []}
+    any_run = torch.zeros(len(idx), dtype=torch.bool)
+    for label, attack, settings in RUNS if len(idx) else ():
+        t0 = time.perf_counter()
+        broken = broken_by(model, x, y, preset.eps, attack, settings, preset.seed, device)
+        run = {"attack": label, "broken": int(broken.sum()), "seconds": time.perf_counter() - t0}
+        entry["runs"].append(run)
+        any_run |= broken
+        rows.append([res.cell.id, len(idx), label, run["broken"], f"{run['seconds']:.0f} s"])
+        print(rows[-1], flush=True)
+    entry["broken_by_any_run"] = int(any_run.sum())
+    rows.append([res.cell.id, len(idx), "any of the runs above", entry["broken_by_any_run"], ""])
+    return entry
 
 
 def _cell(spec: str, preset) -> Cell:
@@ -124,35 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     record = {"preset": preset.name, "eps": preset.eps, "device": str(session.device), "versions": versions(), "cells": {}}
     out = Path(args.out) / f"square_gap_{preset.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows, totals = [], [0, 0]
+    out.write_text(json.dumps(record, indent=2))
+    rows: list[list] = []
     for cell in candidates:
         res = session.result(cell)
         if res.error or res.evaluation is None or "AA:square" not in res.evaluation.attacks:
             record["cells"][cell.id] = {"skipped": res.error or "no Square result"}
-            continue
-        idx = square_only(res.evaluation)
-        model = res.model.eval()
-        x, y = x_all[idx].to(session.device), y_all[idx].to(session.device)
-        entry = {"square_only_points": len(idx), "of_points": res.evaluation.clean.n, "runs": []}
-        any_run = torch.zeros(len(idx), dtype=torch.bool)
-        for label, attack, settings in RUNS if len(idx) else ():
-            t0 = time.perf_counter()
-            broken = broken_by(model, x, y, preset.eps, attack, settings, preset.seed, session.device)
-            run = {"attack": label, "broken": int(broken.sum()), "seconds": time.perf_counter() - t0}
-            entry["runs"].append(run)
-            any_run |= broken
-            rows.append([cell.id, len(idx), label, run["broken"], f"{run['seconds']:.0f} s"])
-            print(rows[-1], flush=True)
-        entry["broken_by_any_run"] = int(any_run.sum())
-        totals[0] += entry["broken_by_any_run"]
-        totals[1] += len(idx)
-        rows.append([cell.id, len(idx), "any of the runs above", entry["broken_by_any_run"], ""])
-        record["cells"][cell.id] = entry
+        else:
+            record["cells"][cell.id] = analyse(res, x_all, y_all, preset, session.device, rows)
         out.write_text(json.dumps(record, indent=2))  # after every cell: a run that stops keeps what it measured
-    out.write_text(json.dumps(record, indent=2))
     print(tabulate(rows, headers=["cell", "Square-only points", "white-box run", "broken", "time"], tablefmt="github"))
-    print(f"square_gap: the stronger white-box runs together break {totals[0]} of the {totals[1]} points only Square "
-          f"broke ({totals[0] / totals[1]:.0%})" if totals[1] else
+    entries = [e for e in record["cells"].values() if "runs" in e]
+    broken, points = sum(e["broken_by_any_run"] for e in entries), sum(e["square_only_points"] for e in entries)
+    print(f"square_gap: the stronger white-box runs together break {broken} of the {points} points only Square "
+          f"broke ({broken / points:.0%})" if points else
           "square_gap: Square broke no point beyond the white-box attacks in these cells")
     return 0
 

@@ -206,19 +206,24 @@ def eps_monotone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     return Indicator("eps_monotone", ok, rise, s.monotone_tol, msg)
 
 
-def black_box(ev: Evaluation, s: IndicatorSettings) -> Indicator:
-    """White-box beats black-box (Carlini et al. 2019, Sec. 5.5; AutoAttack's ``check_square_sr``):
-    fraction of evaluation points robust to every white-box attack (PGD and AutoAttack's gradient
-    attacks) yet broken by Square, read from the cumulative ``AA:<name>`` flags."""
-    if "AA:square" not in ev.attacks:
-        return Indicator("black_box", None, None, s.square_margin,
-                         "not run: the preset's attacks include no gradient-free attack (Square)")
-    square = ev.attacks["AA:square"].tensor()
+def square_only(ev: Evaluation) -> torch.Tensor:
+    """Bool ``[N]``: the points classified correctly and robust to every attack of ``ev`` but Square
+    (PGD, AutoAttack's gradient attacks, FMN), yet broken by Square (``AA:square``, which must be present)."""
     white = ev.clean.tensor().clone()
     for name, acc in ev.attacks.items():
         if name != "AA:square":
             white &= acc.tensor()
-    gain = _frac(white & ~square)
+    return white & ~ev.attacks["AA:square"].tensor()
+
+
+def black_box(ev: Evaluation, s: IndicatorSettings) -> Indicator:
+    """White-box beats black-box (Carlini et al. 2019, Sec. 5.5; AutoAttack's ``check_square_sr``):
+    fraction of evaluation points robust to every white-box attack (PGD and AutoAttack's gradient
+    attacks) yet broken by Square (:func:`square_only`), read from the cumulative ``AA:<name>`` flags."""
+    if "AA:square" not in ev.attacks:
+        return Indicator("black_box", None, None, s.square_margin,
+                         "not run: the preset's attacks include no gradient-free attack (Square)")
+    gain = _frac(square_only(ev))
     ok = gain <= s.square_margin
     msg = (f"Square breaks {_pct(gain)} of the points beyond the white-box attacks"
            + ("" if ok else "; a gradient-free attack beating gradient attacks means their gradients mislead them "

@@ -148,6 +148,17 @@ def test_black_box_reads_square_from_the_cascade():
     assert ind.passed is False and ind.value == 0.05 and "gradient masking" in ind.message
 
 
+def test_square_only_points_are_robust_to_every_other_attack_and_broken_by_square():
+    acc = lambda name, bits: Accuracy.from_flags(name, torch.tensor([b == "1" for b in bits]))
+    ev = Evaluation(
+        clean=acc("clean", "111110"),
+        attacks={"PGD-20": acc("PGD-20", "111010"), "AA:apgd-ce": acc("AA:apgd-ce", "110010"),
+                 "AA:square": acc("AA:square", "010000"), "FMN-Linf": acc("FMN-Linf", "111001")},
+        robust=acc("robust", "010000"), warnings=[], duration_s=0.0)
+    # point 0: every white-box attack fails, Square breaks it; point 4: FMN breaks it; point 5: misclassified clean
+    assert indicators.square_only(ev).nonzero().flatten().tolist() == [0]
+
+
 def test_autoattack_warnings_fail_except_notes_and_a_few_zero_gradients():
     flags = [1] * 200
     ok = evaluation(flags, flags, warnings=["note: the model has 2 classes; ...",

@@ -1,37 +1,15 @@
-"""benchmarks/square_gap.py: which points the black_box indicator counts, the white-box runs on them, bad input."""
+"""benchmarks/square_gap.py: the white-box runs on the points only Square broke, the cells it picks, bad input."""
 
-import importlib.util
 import json
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-from pytest_advprune.evaluate import Accuracy, Evaluation
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.benchmark_helpers import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("square_gap", ROOT / "benchmarks" / "square_gap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _acc(name, bits):
-    return Accuracy.from_flags(name, torch.tensor([b == "1" for b in bits]))
-
-
-def test_square_only_points_are_robust_to_every_other_attack_and_broken_by_square():
-    ev = Evaluation(
-        clean=_acc("clean", "111110"),
-        attacks={"PGD-20": _acc("PGD-20", "111010"), "AA:apgd-ce": _acc("AA:apgd-ce", "110010"),
-                 "AA:square": _acc("AA:square", "010000"), "FMN-Linf": _acc("FMN-Linf", "111001")},
-        robust=_acc("robust", "010000"), warnings=[], duration_s=0.0)
-    # point 0: every white-box attack fails, Square breaks it; point 4: FMN breaks it; point 5: misclassified clean
-    assert _script().square_only(ev).tolist() == [0]
+    return load_benchmark("square_gap")
 
 
 class _Linear(nn.Module):

@@ -1,20 +1,15 @@
 """benchmarks/unpruned_control.py on the smoke preset: a method's recipe at sparsity 0 beside the dense model."""
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.benchmark_helpers import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("unpruned_control", ROOT / "benchmarks" / "unpruned_control.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("unpruned_control")
 
 
 def test_control_runs_the_method_at_sparsity_zero_beside_the_dense_model(dense_cache, tmp_path, capsys):
