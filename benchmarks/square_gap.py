@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from pytest_advprune import presets, registry
+from benchmark_cli import add_run_options, load_methods, parse_cell
+from pytest_advprune import presets
 from pytest_advprune.indicators import square_only
 from pytest_advprune.attacks import pgd
-from pytest_advprune.cache import default_dir
 from pytest_advprune.errors import AdvPruneError
 from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
 
@@ -92,15 +92,6 @@ def analyse(res, x_all: torch.Tensor, y_all: torch.Tensor, preset, device, rows:
     return entry
 
 
-def _cell(spec: str, preset) -> Cell:
-    """``METHOD-STRUCTURE-SPARSITY`` as a cell of the preset's first architecture; one-line SystemExit if malformed."""
-    parts = spec.rsplit("-", 2)
-    if len(parts) != 3 or not parts[2].isdigit():
-        raise SystemExit(f"--cell: {spec!r} is not METHOD-STRUCTURE-SPARSITY (e.g. hydra-weights-99)")
-    registry.get(parts[0])
-    return Cell(parts[0], preset.dataset, preset.archs[0], parts[1], int(parts[2]))
-
-
 def _failed_cells(report: Path, preset: str) -> list[Cell]:
     """The cells of ``report`` (a report JSON) whose black_box indicator failed."""
     if not report.is_file():
@@ -115,17 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--report", default=None, help="the report JSON to pick cells from (default reports/<preset>.json)")
     ap.add_argument("--cell", default=None, help="METHOD-STRUCTURE-SPARSITY list instead of the report's failed cells")
-    ap.add_argument("--cache-dir", default=str(default_dir()))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="reports/benchmarks")
+    add_run_options(ap)
     args = ap.parse_args(argv)
 
+    load_methods()
     try:
-        registry.load_builtin()
         preset = presets.get(args.preset)
         if "square" not in preset.autoattack.attacks and preset.autoattack.version != "standard":
             raise SystemExit(f"preset {preset.name} runs no Square attack, so no cell has a black_box verdict to explain")
-        candidates = [_cell(c, preset) for c in args.cell.split(",")] if args.cell else _failed_cells(
+        candidates = [parse_cell(c, preset, "--cell", dense=True) for c in args.cell.split(",")] if args.cell else _failed_cells(
             Path(args.report or f"reports/{preset.name}.json"), preset.name)
         session = AdvPruneSession(RunConfig(preset, sorted({c.method for c in candidates}), device=args.device,
                                             cache_dir=args.cache_dir), log=print)

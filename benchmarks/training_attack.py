@@ -8,14 +8,16 @@ start, Wong et al. 2020), k > 1 steps are PGD with steps of 2.5 eps / k (Madry e
 loss staying the method's own (PGD-AT, TRADES, MART). Each model is evaluated with the preset's
 attacks (worst case as the suite) and its ``black_box`` indicator is read: the fraction of points
 only Square broke, which fails above 1%. The recipe matching the preset is its cached cell.
+``--seeds`` runs every recipe under each of the given preset seeds instead of the preset's: a seed
+retrains the dense model too, so each seed is an independent sample of the whole pipeline.
 
     python benchmarks/training_attack.py [--cells hydra-weights-99,radmm-weights-90] [--recipes 1/1,1/5]
-                                         [--preset quick] [--methods-dir DIR] [--cache-dir DIR]
+                                         [--seeds 0,1] [--preset quick] [--methods-dir DIR] [--cache-dir DIR]
                                          [--device auto] [--out reports/benchmarks]
 
-Writes ``<out>/training_attack_<preset>.json`` (one record per cell and recipe); builds what is not
-cached, under the keys a run of that recipe as a preset would use. The last line is the headline:
-per recipe, how many cells pass ``black_box``.
+Writes ``<out>/training_attack_<preset>.json`` (one record per cell, recipe and seed, added to those of
+earlier runs); builds what is not cached, under the keys a run of that recipe as a preset would use.
+The last line is the headline: per recipe, how many of its runs (cells x seeds) pass ``black_box``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from pytest_advprune import indicators, presets, registry
-from pytest_advprune.cache import default_dir
+from benchmark_cli import add_run_options, load_methods, parse_cell
+from pytest_advprune import indicators, presets
 from pytest_advprune.errors import AdvPruneError
 from pytest_advprune.presets import Preset
-from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
+from pytest_advprune.session import AdvPruneSession, RunConfig, versions
 
 
 def recipe(spec: str) -> tuple[int, int]:
@@ -45,54 +47,55 @@ def recipe(spec: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def with_recipe(preset: Preset, prune_steps: int, finetune_steps: int) -> Preset:
+def with_recipe(preset: Preset, prune_steps: int, finetune_steps: int, seed: int | None = None) -> Preset:
     """``preset`` with the two phases' inner attack steps replaced (step 1.25 eps for one step, 2.5 eps / k
-    for k steps); its name is kept, so cache keys are those of a preset defined this way."""
+    for k steps) and, if given, its seed; its name is kept, so cache keys are those of a preset defined
+    this way."""
     def phase(spec, steps):
         return spec.with_(attack_steps=steps, step_size=1.25 if steps == 1 else 2.5 / steps)
     return dataclasses.replace(preset, prune_train=phase(preset.prune_train, prune_steps),
-                               finetune=phase(preset.finetune, finetune_steps))
+                               finetune=phase(preset.finetune, finetune_steps),
+                               seed=preset.seed if seed is None else seed)
 
 
-def _cell(spec: str, preset: Preset) -> Cell:
-    """The preset's cell of a ``METHOD-STRUCTURE-SPARSITY`` spec such as ``hydra-weights-99``;
-    SystemExit with the fix when it is malformed or names a method or structure that does not exist."""
-    method, structure, sparsity = (spec.strip().rsplit("-", 2) + ["", ""])[:3]
-    try:
-        cls = registry.get(method)
-    except AdvPruneError as exc:
-        raise SystemExit(f"--cells: {exc}") from None
-    if structure not in cls.structures or structure == "dense" or not sparsity.isdigit() or not 0 < int(sparsity) < 100:
-        raise SystemExit(f"--cells: {spec!r} is not METHOD-STRUCTURE-SPARSITY with a structure {method} prunes "
-                         f"({', '.join(s for s in cls.structures if s != 'dense')}) and a sparsity in percent, "
-                         f"e.g. {method}-weights-90")
-    return Cell(method, preset.dataset, preset.archs[0], structure, int(sparsity))
+def _seed(spec: str) -> int:
+    """A seed of ``--seeds``; SystemExit with the fix when it is not a non-negative integer."""
+    if not spec.strip().isdigit():
+        raise SystemExit(f"--seeds: {spec!r} is not a non-negative integer, e.g. --seeds 0,1,2")
+    return int(spec)
+
+
+def merged(path: Path, records: list[dict]) -> list[dict]:
+    """The records of an earlier run in ``path`` (if any) that ``records`` do not replace (same cell, recipe
+    and seed), then ``records``: runs of other recipes or seeds add up in one file."""
+    def key(r):
+        return r["cell"], r["recipe"], r.get("seed")
+    old = json.loads(path.read_text())["records"] if path.exists() else []
+    new = {key(r) for r in records}
+    return [r for r in old if key(r) not in new] + records
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="hydra-weights-99", help="METHOD-STRUCTURE-SPARSITY cells, comma list")
     ap.add_argument("--recipes", default="1/1,1/5", help="P/F prune-phase/fine-tuning attack steps, comma list")
+    ap.add_argument("--seeds", default=None, help="preset seeds, comma list (default: the preset's)")
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--methods-dir", default=None, help="a folder of method files, as --advprune-methods-dir")
-    ap.add_argument("--cache-dir", default=str(default_dir()))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="reports/benchmarks")
+    add_run_options(ap, methods_dir=True)
     args = ap.parse_args(argv)
 
+    load_methods(args.methods_dir)
     try:
-        registry.load_builtin()
-        if args.methods_dir:
-            registry.load_dir(args.methods_dir)
         preset = presets.get(args.preset)
     except AdvPruneError as exc:
         raise SystemExit(str(exc)) from None
     recipes = [recipe(r) for r in args.recipes.split(",")]
-    cells = [_cell(c, preset) for c in args.cells.split(",")]
+    cells = [parse_cell(c, preset, "--cells") for c in args.cells.split(",")]
+    seeds = [preset.seed] if args.seeds is None else [_seed(v) for v in args.seeds.split(",")]
 
     records = []
-    for prune_steps, finetune_steps in recipes:
-        variant = with_recipe(preset, prune_steps, finetune_steps)
+    for (prune_steps, finetune_steps), seed in ((r, seed) for seed in seeds for r in recipes):
+        variant = with_recipe(preset, prune_steps, finetune_steps, seed)
         session = AdvPruneSession(RunConfig(variant, sorted({c.method for c in cells}), device=args.device,
                                             cache_dir=args.cache_dir), log=print)
         for cell in cells:
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             ev = res.evaluation
             bb = indicators.black_box(ev, indicators.DEFAULT)
             records.append({
-                "cell": cell.id, "recipe": f"{prune_steps}/{finetune_steps}",
+                "cell": cell.id, "recipe": f"{prune_steps}/{finetune_steps}", "seed": seed,
                 "prune_train": variant.prune_train.label(), "finetune": variant.finetune.label(),
                 "preset_recipe": (variant.prune_train, variant.finetune) == (preset.prune_train, preset.finetune),
                 "n_points": ev.clean.n, "clean": ev.clean.acc, "robust": ev.robust.acc, "attacks": {k: a.acc for k, a in ev.attacks.items()},
@@ -111,18 +114,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f}"
-    print(tabulate([[r["cell"], r["recipe"] + (" (preset)" if r["preset_recipe"] else ""), pct(r["clean"]),
+    print(tabulate([[r["cell"], r["recipe"] + (" (preset)" if r["preset_recipe"] else ""), r["seed"], pct(r["clean"]),
                      pct(r["robust"]), pct(r["black_box"]), {True: "ok", False: "FAIL", None: "not run"}[r["black_box_ok"]]]
                     for r in records],
-                   headers=["cell", "recipe P/F", "clean (%)", "robust (%)", "Square-only (%)", "black_box"],
+                   headers=["cell", "recipe P/F", "seed", "clean (%)", "robust (%)", "Square-only (%)", "black_box"],
                    tablefmt="github"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"training_attack_{preset.name}.json").write_text(json.dumps(
-        {"preset": preset.name, "eps": preset.eps,
-         "device": str(session.device), "versions": versions(), "records": records}, indent=2))
+    path = out / f"training_attack_{preset.name}.json"
+    (path.with_suffix(".tmp")).write_text(json.dumps(
+        {"preset": preset.name, "eps": preset.eps, "device": str(session.device), "versions": versions(),
+         "records": merged(path, records)}, indent=2))
+    path.with_suffix(".tmp").replace(path)
     print("black_box passes per recipe: " + ", ".join(
-        f"{p}/{f} {sum(r['black_box_ok'] is True for r in records if r['recipe'] == f'{p}/{f}')} of {len(cells)}"
+        f"{p}/{f} {sum(r['black_box_ok'] is True for r in records if r['recipe'] == f'{p}/{f}')} of "
+        f"{len(cells) * len(seeds)}"
         for p, f in recipes))
     return 0
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from benchmark_cli import add_run_options, load_methods
 from pytest_advprune import presets, registry
-from pytest_advprune.cache import default_dir
 from pytest_advprune.errors import AdvPruneError
 from pytest_advprune.evaluate import check_finite
 from pytest_advprune.session import AdvPruneSession, Cell, CellResult, PruneContext, RunConfig, versions
@@ -49,16 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", required=True)
     ap.add_argument("--cells", default="", help="STRUCTURE-SPARSITY cells of the method to show beside it, comma list")
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--methods-dir", default=None, help="a folder of method files, as --advprune-methods-dir")
-    ap.add_argument("--cache-dir", default=str(default_dir()))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="reports/benchmarks")
+    add_run_options(ap, methods_dir=True)
     args = ap.parse_args(argv)
 
+    load_methods(args.methods_dir)
     try:
-        registry.load_builtin()
-        if args.methods_dir:
-            registry.load_dir(args.methods_dir)
         preset = presets.get(args.preset)
         cls = registry.get(args.method)
         structures = [s for s in cls.structures if s != "dense"]

@@ -1,6 +1,7 @@
 """Load a script of ``benchmarks/`` as a module, so tests call its functions and ``main(argv)`` in process."""
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -8,7 +9,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """A fresh module of ``benchmarks/<name>.py``."""
+    """A fresh module of ``benchmarks/<name>.py``, its folder on ``sys.path`` as when run as a script
+    (the scripts import their sibling ``benchmark_cli``)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

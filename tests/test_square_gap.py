@@ -47,7 +47,9 @@ def test_failed_cells_are_the_reports_black_box_failures_of_the_preset(tmp_path)
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--preset", "smoke"], "preset smoke runs no Square attack"),
     (["--cell", "hydra-99"], "--cell: 'hydra-99' is not METHOD-STRUCTURE-SPARSITY"),
-    (["--cell", "nosuch-weights-90"], "unknown method 'nosuch'"),
+    (["--cell", "nosuch-weights-90"], "--cell: unknown method 'nosuch'"),
+    (["--cell", "dense-dense-90"], "--cell: 'dense-dense-90': sparsity 0 is the dense cell's alone"),
+    (["--cell", "hydra-filters-50"], "--cell: 'hydra-filters-50': hydra gives weights, not 'filters'"),
     (["--report", "/nonexistent/quick.json"], "no report /nonexistent/quick.json"),
 ])
 def test_bad_input_is_one_line_before_anything_is_built(tmp_path, args, message):

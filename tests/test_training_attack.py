@@ -20,6 +20,7 @@ def test_a_recipe_sets_both_phases_inner_attack_and_nothing_else():
     assert (v.finetune.attack_steps, v.finetune.step_size) == (4, 2.5 / 4)
     assert _script().with_recipe(q, 1, 5).finetune == q.finetune  # quick's own recipe is 1/5
     assert v.dense_train == q.dense_train and v.autoattack == q.autoattack and v.name == q.name
+    assert v.seed == q.seed and _script().with_recipe(q, 1, 4, seed=3).seed == 3
     assert v.finetune.epochs == q.finetune.epochs and v.prune_train.lr == q.prune_train.lr
 
 
@@ -39,14 +40,25 @@ def test_each_recipe_builds_its_own_model_and_reports_black_box(dense_cache, tmp
         "black_box passes per recipe: 1/1 0 of 1, 1/3 0 of 1"
 
 
+
+def test_a_run_adds_its_records_to_those_of_earlier_runs_and_replaces_only_its_own(tmp_path):
+    path = tmp_path / "training_attack_quick.json"
+    earlier = [{"cell": "c", "recipe": "1/1", "seed": 0, "robust": 0.4}, {"cell": "c", "recipe": "1/5", "seed": 0, "robust": 0.4}]
+    path.write_text(json.dumps({"records": earlier}))
+    now = [{"cell": "c", "recipe": "1/5", "seed": 0, "robust": 0.5}, {"cell": "c", "recipe": "1/5", "seed": 1, "robust": 0.3}]
+    assert _script().merged(path, now) == [earlier[0], *now]
+    assert _script().merged(tmp_path / "none.json", now) == now
+
+
 @pytest.mark.parametrize("args, message", [
     (["--recipes", "5"], "--recipes: '5' is not P/F"),
     (["--recipes", "1/0"], "--recipes: '1/0' is not P/F"),
     (["--cells", "nosuch-weights-90"], "--cells: unknown method 'nosuch'"),
-    (["--cells", "hydra-filters-50"], "--cells: 'hydra-filters-50' is not METHOD-STRUCTURE-SPARSITY with a "
-                                      "structure hydra prunes (weights)"),
+    (["--cells", "hydra-filters-50"], "--cells: 'hydra-filters-50': hydra gives weights, not 'filters'"),
     (["--cells", "hydra-weights-100"], "is not METHOD-STRUCTURE-SPARSITY"),
+    (["--cells", "dense-dense-0"], "--cells: 'dense-dense-0': dense gives no cell here, not 'dense'"),
     (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--seeds", "0,x"], "--seeds: 'x' is not a non-negative integer"),
 ])
 def test_bad_input_is_one_line_before_anything_is_built(tmp_path, args, message):
     with pytest.raises(SystemExit) as info:
