@@ -15,9 +15,10 @@ retrains the dense model too, so each seed is an independent sample of the whole
                                          [--seeds 0,1] [--preset quick] [--methods-dir DIR] [--cache-dir DIR]
                                          [--device auto] [--out reports/benchmarks]
 
-Writes ``<out>/training_attack_<preset>.json`` (one record per cell, recipe and seed, added to those of
-earlier runs); builds what is not cached, under the keys a run of that recipe as a preset would use.
-The last line is the headline: per recipe, how many of its runs (cells x seeds) pass ``black_box``.
+Writes ``<out>/training_attack_<preset>.json`` (one record per cell, recipe and seed, with its device
+and versions, added to those of earlier runs); builds what is not cached, under the keys a run of
+that recipe as a preset would use. The last line is the headline: per recipe, how many of its runs
+(cells x seeds) pass ``black_box``.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 "cell": cell.id, "recipe": f"{prune_steps}/{finetune_steps}", "seed": seed,
                 "prune_train": variant.prune_train.label(), "finetune": variant.finetune.label(),
                 "preset_recipe": (variant.prune_train, variant.finetune) == (preset.prune_train, preset.finetune),
-                "n_points": ev.clean.n, "clean": ev.clean.acc, "robust": ev.robust.acc, "attacks": {k: a.acc for k, a in ev.attacks.items()},
-                "black_box": bb.value, "black_box_ok": bb.passed, "pruned_key": session.pruned_key(cell)})
+                "n_points": ev.clean.n, "clean": ev.clean.acc, "robust": ev.robust.acc,
+                "attacks": {k: a.acc for k, a in ev.attacks.items()}, "black_box": bb.value,
+                "black_box_ok": bb.passed, "pruned_key": session.pruned_key(cell),
+                "device": str(session.device), "versions": versions()})
 
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f}"
@@ -122,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"training_attack_{preset.name}.json"
-    (path.with_suffix(".tmp")).write_text(json.dumps(
-        {"preset": preset.name, "eps": preset.eps, "device": str(session.device), "versions": versions(),
-         "records": merged(path, records)}, indent=2))
+    path.with_suffix(".tmp").write_text(json.dumps(
+        {"preset": preset.name, "eps": preset.eps, "records": merged(path, records)}, indent=2))
     path.with_suffix(".tmp").replace(path)
     print("black_box passes per recipe: " + ", ".join(
         f"{p}/{f} {sum(r['black_box_ok'] is True for r in records if r['recipe'] == f'{p}/{f}')} of "

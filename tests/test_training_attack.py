@@ -35,7 +35,7 @@ def test_each_recipe_builds_its_own_model_and_reports_black_box(dense_cache, tmp
     assert one["preset_recipe"] and not three["preset_recipe"]
     assert one["pruned_key"] != three["pruned_key"]  # a recipe that was not applied would reuse the model
     assert one["black_box_ok"] is None and one["n_points"] == presets.SMOKE.n_eval  # smoke runs no Square
-    assert doc["versions"]["torch"]
+    assert one["versions"]["torch"] and one["device"] == "cpu"
     assert capsys.readouterr().out.strip().splitlines()[-1] == \
         "black_box passes per recipe: 1/1 0 of 1, 1/3 0 of 1"
 
