@@ -107,11 +107,11 @@ class PwoA(Method):
         f"accuracy but not the robustness the pruning removes ({numbers} clean / robust, floors {floors}); the survey's "
         "non-residual VGG16 shows the same (90% weights: PwoA 30.5 robust against HYDRA's 43.8)"
         for cell, numbers, floors in (
-            ("weights-90", "84.0% / 61.4%", "77% / 65%"),
-            ("weights-95", "84.0% / 41.0%", "72% / 61%"),
-            ("weights-99", "65.5% / 13.7%", "42% / 29%"),
-            ("filters-75", "84.3% / 30.9%", "72% / 61%"),
-            ("filters-90", "80.8% / 14.6%", "42% / 29%"),
+            ("weights-90", "84.3% / 61.2%", "77% / 65%"),
+            ("weights-95", "83.1% / 33.9%", "72% / 61%"),
+            ("weights-99", "71.1% / 30.9%", "42% / 29%"),
+            ("filters-75", "83.1% / 31.0%", "72% / 61%"),
+            ("filters-90", "80.1% / 15.6%", "42% / 29%"),
         )
     }
 
