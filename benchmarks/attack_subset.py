@@ -26,31 +26,28 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from pytest_advprune import presets, registry
+from benchmark_cli import add_run_options, load_methods, load_preset, parse_cell
 from pytest_advprune.attacks import AutoAttackSpec, run_autoattack
-from pytest_advprune.cache import default_dir, weights_digest
+from pytest_advprune.cache import weights_digest
 from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--cell", default="lwm-weights-90", help="METHOD-STRUCTURE-SPARSITY of the pruned model(s), comma list")
     ap.add_argument("--standard-from", default=None, help="earlier JSON whose standard results are reused by weight sha256")
-    ap.add_argument("--cache-dir", default=str(default_dir()))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="reports/benchmarks")
-    args = ap.parse_args()
+    add_run_options(ap)
+    args = ap.parse_args(argv)
 
-    registry.load_builtin()
-    preset = presets.get(args.preset)
-    cells = [c.rsplit("-", 2) for c in args.cell.split(",")]
-    session = AdvPruneSession(RunConfig(preset, sorted({"dense"} | {m for m, _, _ in cells}), device=args.device,
+    load_methods()
+    preset = load_preset(args.preset)
+    cells = [parse_cell(c, preset, "--cell") for c in args.cell.split(",")]
+    session = AdvPruneSession(RunConfig(preset, sorted({"dense"} | {c.method for c in cells}), device=args.device,
                                         cache_dir=args.cache_dir), log=print)
     arch = preset.archs[0]
     results = {f"dense {arch}": session.result(Cell("dense", preset.dataset, arch, "dense", 0))}
-    for method, structure, sparsity in cells:
-        cell = Cell(method, preset.dataset, arch, structure, int(sparsity))
+    for cell in cells:
         results[cell.id] = session.result(cell)
     for name, res in results.items():
         if res.error:

@@ -1,12 +1,15 @@
 """Command-line pieces shared by the benchmark scripts: the run options every script takes, loading
-the methods, and a ``METHOD-STRUCTURE-SPARSITY`` cell spec. Imported by the scripts as a sibling
+the methods and a preset, a ``METHOD-STRUCTURE-SPARSITY`` cell spec, and the JSON file that
+accumulates a script's records over runs. Imported by the scripts as a sibling
 module (``python benchmarks/<script>.py`` puts this folder on ``sys.path``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from pytest_advprune import registry
+from pytest_advprune import presets, registry
 from pytest_advprune.cache import default_dir
 from pytest_advprune.errors import AdvPruneError
 from pytest_advprune.presets import Preset
@@ -33,6 +36,14 @@ def load_methods(methods_dir: str | None = None) -> None:
         raise SystemExit(str(exc)) from None
 
 
+def load_preset(name: str) -> Preset:
+    """The preset called ``name``; an unknown name is a one-line SystemExit listing the presets."""
+    try:
+        return presets.get(name)
+    except AdvPruneError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def parse_cell(spec: str, preset: Preset, option: str, dense: bool = False) -> Cell:
     """The cell of a ``METHOD-STRUCTURE-SPARSITY`` spec (e.g. ``hydra-weights-99``, sparsity in percent)
     on the preset's first architecture; with ``dense``, also the unpruned reference ``dense-dense-0``.
@@ -54,3 +65,19 @@ def parse_cell(spec: str, preset: Preset, option: str, dense: bool = False) -> C
         raise SystemExit(f"{option}: {spec!r}: sparsity 0 is the dense cell's alone (dense-dense-0); "
                          "a pruned cell needs 1-99")
     return Cell(method, preset.dataset, preset.archs[0], structure, sparsity)
+
+
+def write_records(path: Path, header: dict, records: list[dict], fields: tuple[str, ...]) -> list[dict]:
+    """Write ``{**header, "records": [...]}`` to ``path`` (atomically: a temporary file, then a rename)
+    with the records of an earlier run in ``path`` that ``records`` do not replace (those with equal
+    values of ``fields``, e.g. cell and recipe) first, then ``records``: runs of other settings add up
+    in one file. Returns the records written."""
+    def key(r):
+        return tuple(r.get(f) for f in fields)
+    old = json.loads(path.read_text())["records"] if path.exists() else []
+    new = {key(r) for r in records}
+    kept = [r for r in old if key(r) not in new] + records
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**header, "records": kept}, indent=2))
+    tmp.replace(path)
+    return kept

@@ -28,25 +28,22 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from pytest_advprune import presets, registry
-from pytest_advprune.cache import default_dir
+from benchmark_cli import add_run_options, load_methods, load_preset
 from pytest_advprune.fmn import fmn_distances
 from pytest_advprune.session import AdvPruneSession, Cell, RunConfig, versions
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--report", default=None, help="the report JSON to pick cells from (default reports/<preset>.json)")
     ap.add_argument("--min-gap", type=float, default=2.0, help="points of robust accuracy (percent)")
     ap.add_argument("--steps", default="300,1000", help="further step budgets for the tuned configuration")
-    ap.add_argument("--cache-dir", default=str(default_dir()))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="reports/benchmarks")
-    args = ap.parse_args()
+    add_run_options(ap)
+    args = ap.parse_args(argv)
 
-    registry.load_builtin()
-    preset = presets.get(args.preset)
+    load_methods()
+    preset = load_preset(args.preset)
     if preset.fmn is None or "linf" not in preset.fmn.norms:
         raise SystemExit(f"preset {preset.name} runs no FMN-Linf")
     report = json.loads(Path(args.report or f"reports/{preset.name}.json").read_text())

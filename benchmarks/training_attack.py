@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-from benchmark_cli import add_run_options, load_methods, parse_cell
-from pytest_advprune import indicators, presets
-from pytest_advprune.errors import AdvPruneError
+from benchmark_cli import add_run_options, load_methods, load_preset, parse_cell, write_records
+from pytest_advprune import indicators
 from pytest_advprune.presets import Preset
 from pytest_advprune.session import AdvPruneSession, RunConfig, versions
 
@@ -66,15 +64,6 @@ def _seed(spec: str) -> int:
     return int(spec)
 
 
-def merged(path: Path, records: list[dict]) -> list[dict]:
-    """The records of an earlier run in ``path`` (if any) that ``records`` do not replace (same cell, recipe
-    and seed), then ``records``: runs of other recipes or seeds add up in one file."""
-    def key(r):
-        return r["cell"], r["recipe"], r.get("seed")
-    old = json.loads(path.read_text())["records"] if path.exists() else []
-    new = {key(r) for r in records}
-    return [r for r in old if key(r) not in new] + records
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     load_methods(args.methods_dir)
-    try:
-        preset = presets.get(args.preset)
-    except AdvPruneError as exc:
-        raise SystemExit(str(exc)) from None
+    preset = load_preset(args.preset)
     recipes = [recipe(r) for r in args.recipes.split(",")]
     cells = [parse_cell(c, preset, "--cells") for c in args.cells.split(",")]
     seeds = [preset.seed] if args.seeds is None else [_seed(v) for v in args.seeds.split(",")]
@@ -125,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"training_attack_{preset.name}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(
-        {"preset": preset.name, "eps": preset.eps, "records": merged(path, records)}, indent=2))
-    path.with_suffix(".tmp").replace(path)
+    write_records(path, {"preset": preset.name, "eps": preset.eps}, records, ("cell", "recipe", "seed"))
     print("black_box passes per recipe: " + ", ".join(
         f"{p}/{f} {sum(r['black_box_ok'] is True for r in records if r['recipe'] == f'{p}/{f}')} of "
         f"{len(cells) * len(seeds)}"

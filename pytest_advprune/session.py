@@ -196,7 +196,7 @@ class CellResult:
     inference: dict | None = None
     eval_key: str | None = None
     indicators: dict | None = None  # name -> indicators.Indicator, once computed
-    # stage (model: trained or pruned; evaluation; fmn) -> where and when that artefact was computed
+    # stage (model: trained or pruned; evaluation; fmn; indicators) -> where and when that artefact was computed
     # (:meth:`AdvPruneSession.built`), None when unknown (a cache entry written before this was recorded)
     provenance: dict[str, dict | None] = field(default_factory=dict)
 
@@ -557,7 +557,8 @@ class AdvPruneSession:
 
     def _build_indicators(self, res: CellResult) -> None:
         """The attack-failure indicators of an evaluated cell, cached in their own kind, keyed by the
-        evaluation's key, the transfer source's weights, the indicator settings and code."""
+        evaluation's key, the transfer source's weights, the indicator settings and code, with where and
+        when they were computed (``res.provenance["indicators"]``)."""
         from . import indicators
 
         x, y = self._split(False)
@@ -567,9 +568,12 @@ class AdvPruneSession:
         key = self.indicators_key(res.eval_key, source_key)
         log = lambda s: self.log(f"[{res.cell.id}] {s}")
         payload, _ = self.cache.json("indicators", key, lambda: {
-            k: v.to_dict() for k, v in indicators.compute(res.model, x, y, res.evaluation, self.preset.eps, self.preset.seed,
-                                                          self.device, source, log=log).items()})
-        res.indicators = {k: indicators.Indicator.from_dict(v) for k, v in payload.items()}
+            **{k: v.to_dict() for k, v in indicators.compute(res.model, x, y, res.evaluation, self.preset.eps,
+                                                             self.preset.seed, self.device, source, log=log).items()},
+            "built": self.built()})
+        # an entry cached before provenance was stored has no "built": its provenance is unknown (None)
+        res.provenance["indicators"] = payload.get("built")
+        res.indicators = {k: indicators.Indicator.from_dict(v) for k, v in payload.items() if k != "built"}
 
     # ---------------------------------------------------------------- verdicts
 

@@ -603,6 +603,36 @@ def test_a_corrupt_cached_dense_model_is_rebuilt_when_needed_as_the_transfer_sou
                                      device="cpu"))._cached_dense("cnn") is not None
 
 
+def test_indicators_record_where_they_were_computed_and_older_entries_read_unknown(dense_cache, tmp_path):
+    """The indicators' cache entry carries its provenance like the model's and the evaluation's; an entry
+    written before it did loads the same indicators with provenance None (unknown)."""
+    import shutil
+
+    from pytest_advprune import presets, registry
+    from pytest_advprune.indicators import NAMES
+    from pytest_advprune.session import AdvPruneSession, Cell, RunConfig
+
+    registry.load_builtin()
+    cache_dir = shutil.copytree(dense_cache, tmp_path / "cache")
+    cell = Cell("dense", "fashion_mnist", "cnn", "dense", 0)
+
+    def checked():
+        s = AdvPruneSession(RunConfig(presets.get("smoke"), ["dense"], cache_dir=str(cache_dir), device="cpu"))
+        verdicts = [s.check(cell, f"indicator:{n}").passed for n in NAMES]
+        res = s.result(cell)
+        return res, verdicts, s.indicators_key(res.eval_key, None)
+
+    res, verdicts, key = checked()
+    assert res.provenance["indicators"]["device"] == "cpu" and res.provenance["indicators"]["versions"]["torch"]
+    assert set(res.indicators) == set(NAMES)
+    cache = Cache(cache_dir)
+    wrapper = cache.load_json("indicators", key)
+    wrapper.pop("built")
+    cache.save_json("indicators", key, wrapper)
+    old, old_verdicts, _ = checked()
+    assert old.provenance["indicators"] is None and set(old.indicators) == set(NAMES) and old_verdicts == verdicts
+
+
 def test_a_record_reports_where_its_cached_artefacts_were_computed_not_the_reading_runs_device(dense_cache, tmp_path):
     """A cache shared between machines: the dense cell's model and evaluation were built "elsewhere"
     (their stored provenance says cuda:0, other versions); this CPU run's record must say so, and

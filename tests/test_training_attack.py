@@ -41,14 +41,6 @@ def test_each_recipe_builds_its_own_model_and_reports_black_box(dense_cache, tmp
 
 
 
-def test_a_run_adds_its_records_to_those_of_earlier_runs_and_replaces_only_its_own(tmp_path):
-    path = tmp_path / "training_attack_quick.json"
-    earlier = [{"cell": "c", "recipe": "1/1", "seed": 0, "robust": 0.4}, {"cell": "c", "recipe": "1/5", "seed": 0, "robust": 0.4}]
-    path.write_text(json.dumps({"records": earlier}))
-    now = [{"cell": "c", "recipe": "1/5", "seed": 0, "robust": 0.5}, {"cell": "c", "recipe": "1/5", "seed": 1, "robust": 0.3}]
-    assert _script().merged(path, now) == [earlier[0], *now]
-    assert _script().merged(tmp_path / "none.json", now) == now
-
 
 @pytest.mark.parametrize("args, message", [
     (["--recipes", "5"], "--recipes: '5' is not P/F"),
