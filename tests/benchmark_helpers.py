@@ -17,3 +17,14 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def exits_before_building(name: str, args: list[str], tmp_path: Path) -> str:
+    """Run ``benchmarks/<name>.py`` with ``args`` (plus a cache and output under ``tmp_path``, on the CPU),
+    assert it stops with a one-line SystemExit before creating the cache, and return that line."""
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        load_benchmark(name).main([*args, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out", str(tmp_path)])
+    assert "\n" not in str(info.value) and not (tmp_path / "cache").exists()
+    return str(info.value)
