@@ -67,7 +67,6 @@ def with_scale(preset: Preset, prune_factor: float, finetune_factor: float) -> P
                                finetune=preset.finetune.with_(epochs=preset.finetune.epochs * finetune_factor))
 
 
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="pwoa-weights-90", help="METHOD-STRUCTURE-SPARSITY cells, comma list")

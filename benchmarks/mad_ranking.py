@@ -36,16 +36,9 @@ from benchmark_cli import add_run_options, load_methods, load_preset, write_reco
 from pytest_advprune import registry
 from pytest_advprune.attacks import pgd_robust_flags, predict
 from pytest_advprune.session import AdvPruneSession, PruneContext, RunConfig, versions
-from pytest_advprune.sparsity import n_to_prune, prunable_layers
+from pytest_advprune.sparsity import local_keep, prunable_layers
 
 RANKINGS = ("repo", "local", "abs", "magnitude-conv")
-
-
-def per_layer_keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep mask (float, 1 = keep) dropping the ``round(sparsity * numel)`` lowest entries of ``scores``."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[scores.flatten().argsort()[: n_to_prune(scores.numel(), sparsity)]] = False
-    return keep.view_as(scores).float()
 
 
 def ranking_masks(mad, model: torch.nn.Module, saliency: dict[str, torch.Tensor], sparsity: float,
@@ -58,7 +51,7 @@ def ranking_masks(mad, model: torch.nn.Module, saliency: dict[str, torch.Tensor]
         if isinstance(layer, torch.nn.Conv2d):
             scores = {"local": saliency[name], "abs": saliency[name].abs(),
                       "magnitude-conv": layer.weight.detach().abs()}[ranking]
-            masks[name] = per_layer_keep(scores, sparsity)
+            masks[name] = local_keep({name: scores}, sparsity)[name].float()
     return masks
 
 

@@ -64,7 +64,6 @@ def _seed(spec: str) -> int:
     return int(spec)
 
 
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="hydra-weights-99", help="METHOD-STRUCTURE-SPARSITY cells, comma list")
