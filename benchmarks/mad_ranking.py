@@ -2,7 +2,7 @@
 
 Computes MAD's adversarial saliency once, as the suite's ``mad`` cell does (same batches, attack and
 budget), then builds the cell's masks under several rankings and fine-tunes each from the dense
-model exactly as ``mad`` does (the preset's fine-tuning budget, MART with beta 0.5):
+model with ``mad``'s own ``fine_tune`` (the preset's fine-tuning budget, MART with beta 0.5):
 
 * ``repo``: MAD's own rule (conv layers in one global ranking, Linear layers per row), the suite's cell;
 * ``local``: the same saliency, every conv layer ranked on its own (per-row Linear as in ``repo``);
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for ranking in rankings:
         ctx = context()
         masks = ranking_masks(mad, ctx.dense, saliency, sparsity, ranking)
-        losses = ctx.train(ctx.dense, preset.finetune.with_(loss="mart", beta=0.5), f"mad ({ranking}) fine-tune",
-                           masks=masks, part=1)
+        losses = mad_cls().fine_tune(ctx, ctx.dense, masks, f"mad ({ranking}) fine-tune")
         model = ctx.dense.eval()
         with torch.no_grad():
             clean = float((predict(model, x_test, preset.eval_batch, session.device) == y_test).float().mean())

@@ -38,7 +38,7 @@ Deviations:
     attack is the preset's (``prune_train.eps``, ``prune_train.attack_steps`` steps, so every
     method of a preset sees the same attack strength; the repo's step rule 2.3 * eps / steps is
     kept) and the number of batches is what the ``prune_train`` budget buys (:func:`saliency_batches`),
-    at most one pass, as in the repo.
+    at most one pass, as in the repo; the pass is charged to the cell's budget (:func:`saliency_epochs`).
   * Fine-tune: the preset's ``finetune`` budget with the engine's SGD and cosine schedule (repo:
     60 epochs, lr 0.1 stepped at 50%/75%) and the engine's MART, whose inner PGD uses the preset's
     step and a uniform start (repo: 10 steps of 0.0069 from x + 0.001 * N(0, 1)).
@@ -192,6 +192,14 @@ def saliency_batches(n: int, batch_size: int, epochs: float, attack_steps: int) 
     return min(max(1, budget), per_epoch)
 
 
+def saliency_epochs(n: int, batch_size: int, epochs: float, attack_steps: int, n_batches: int) -> float:
+    """What the saliency pass charges to the budget, in prune-phase epochs: its ``n_batches`` at the cost
+    :func:`saliency_batches` prices them, at most the phase's ``epochs`` (the batch count rounds up, as a
+    training epoch's last batch does), less when the one-pass cap left part of the budget unspent."""
+    per_batch = (attack_steps + MASK_STEPS + 2) / (attack_steps + 1)
+    return min(epochs, n_batches * per_batch / math.ceil(n / batch_size))
+
+
 def keep_best_per_layer(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``scores`` with each tensor's largest entry raised to +inf, so a global ranking keeps at least
     one weight in every layer (if the target keeps as many weights as there are layers)."""
@@ -267,6 +275,8 @@ class Mad(Method):
         """Mean adversarial saliency over the budgeted batches (seeded order), by layer name."""
         model, spec = ctx.dense.eval(), ctx.preset.prune_train
         n_batches = saliency_batches(len(ctx.x_train), spec.batch_size, spec.epochs, spec.attack_steps)
+        ctx.charge(saliency_epochs(len(ctx.x_train), spec.batch_size, spec.epochs, spec.attack_steps, n_batches),
+                   "mad saliency pass")
         order = torch.randperm(len(ctx.x_train), generator=torch.Generator().manual_seed(ctx.seed))
         torch.manual_seed(ctx.seed)  # PGD's random starts
         total = {}
@@ -279,8 +289,12 @@ class Mad(Method):
                 ctx.log(f"mad saliency: batch {b + 1}/{n_batches}")
         return {n: s / n_batches for n, s in total.items()}
 
+    def fine_tune(self, ctx, model: nn.Module, masks: dict[str, torch.Tensor], desc: str = "mad fine-tune") -> list[float]:
+        """Step 4: the preset's fine-tuning budget under the fixed ``masks`` with MART (beta 0.5); the
+        per-epoch mean losses."""
+        return ctx.train(model, ctx.preset.finetune.with_(loss="mart", beta=0.5), desc, masks=masks, part=1)
+
     def prune(self, ctx):
         model = ctx.dense
-        masks = mad_masks(model, self.saliency(ctx), ctx.sparsity)
-        ctx.train(model, ctx.preset.finetune.with_(loss="mart", beta=0.5), "mad fine-tune", masks=masks, part=1)
+        self.fine_tune(ctx, model, mad_masks(model, self.saliency(ctx), ctx.sparsity))
         return model

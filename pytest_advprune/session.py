@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import hashlib
+import math
 import os
 import platform
 import time
@@ -112,9 +113,10 @@ class PruneContext:
     adversarial training loop with this run's seed, device and progress log.
 
     Budget accounting (reported per cell): every :meth:`train` call adds its epochs to
-    ``trained_epochs``. A method that prunes before or during training starts from
-    :meth:`fresh_model` instead of ``dense`` and should spend at most :attr:`budget_epochs`, the
-    total an after-training method gets (dense pretraining + prune phase + fine-tune).
+    ``trained_epochs``; work a method does outside it is added with :meth:`charge`. A method that
+    prunes before or during training starts from :meth:`fresh_model` instead of ``dense`` and
+    should spend at most :attr:`budget_epochs`, the total an after-training method gets (dense
+    pretraining + prune phase + fine-tune).
     """
 
     dense: nn.Module
@@ -152,15 +154,26 @@ class PruneContext:
         if self.from_scratch and model is self.dense:
             raise OverBudget(f"{desc}: trains ctx.dense, which is pretrained, after ctx.fresh_model() made the cell "
                              "from scratch; train the fresh model")
-        if self.pretrain_epochs + self.trained_epochs + spec.epochs > self.budget_epochs + 1e-6:  # 1e-6: epoch fractions
-            raise OverBudget(f"{desc}: {spec.epochs:g} more epochs would make {self.pretrain_epochs:g} + "
-                             f"{self.trained_epochs + spec.epochs:g} of the preset's budget of {self.budget_epochs:g} "
-                             f"(dense pretraining + prune phase + fine-tune); split the budget between the phases")
-        self.trained_epochs += spec.epochs
+        self.charge(spec.epochs, desc)
         return adversarial_train(
             model, self.x_train, self.y_train, spec, seed=self.seed + part, device=self.device, log=self.log,
             desc=desc, augment=data.DATASETS[self.preset.dataset].augment, **kwargs,
         )
+
+    def charge(self, epochs: float, desc: str) -> None:
+        """Count ``epochs`` against the cell's budget: :meth:`train` charges its own; a method charges
+        here, before doing it, the training-equivalent work it runs outside :meth:`train` (e.g. MAD's
+        saliency pass, in epochs of the prune phase it replaces), so the report's budget is complete.
+
+        Raises :class:`~pytest_advprune.errors.OverBudget` if ``epochs`` would take the cell past
+        :attr:`budget_epochs`, and ValueError if ``epochs`` is negative or not finite."""
+        if not math.isfinite(epochs) or epochs < 0:
+            raise ValueError(f"{desc}: cannot charge {epochs!r} epochs; charge the work's length in epochs, >= 0")
+        if self.pretrain_epochs + self.trained_epochs + epochs > self.budget_epochs + 1e-6:  # 1e-6: epoch fractions
+            raise OverBudget(f"{desc}: {epochs:g} more epochs would make {self.pretrain_epochs:g} + "
+                             f"{self.trained_epochs + epochs:g} of the preset's budget of {self.budget_epochs:g} "
+                             f"(dense pretraining + prune phase + fine-tune); split the budget between the phases")
+        self.trained_epochs += epochs
 
     @property
     def pretrain_epochs(self) -> float:
@@ -421,6 +434,7 @@ class AdvPruneSession:
             return load_checkpoint_model(self.config.checkpoint, p.seed).to(self.device).eval(), {"prune_s": 0.0}
         cls = registry.get(cell.method)
         key = self.pruned_key(cell)
+        model = models.build(cell.arch, p.dataset, p.seed)  # the architecture the state must fit, then the loaded model
 
         def build():
             dense = self.dense_model(cell.arch)
@@ -440,14 +454,13 @@ class AdvPruneSession:
                                 "return the nn.Module (e.g. ctx.dense after pruning it)")
             check_finite(pruned)
             state = dense_state_dict(fold_reparametrizations(pruned))
-            problem = ckpt.state_mismatch(models.build(cell.arch, p.dataset, p.seed).state_dict(), state)
+            problem = ckpt.state_mismatch(model.state_dict(), state)
             if problem:  # checked before caching, so the cache never holds a model that cannot load
                 raise BadPrunedModel(f"{cell.method}.prune returned a model that does not fit the {cell.arch} "
                                      f"architecture: {problem}; prune ctx.dense in place and return it")
             return state, {"prune_s": time.perf_counter() - t0, "budget": ctx.budget(), "built": self.built()}
 
         state, meta, _ = self.cache.state("pruned", key, build)
-        model = models.build(cell.arch, p.dataset, p.seed)
         model.load_state_dict(state, strict=True)
         return model.to(self.device).eval(), meta
 

@@ -12,7 +12,7 @@ from pytest_advprune.sparsity import n_to_prune
 from pytest_advprune.methods import mad
 from pytest_advprune.methods.mad import (
     Mad, adversarial_saliency, keep_best_per_layer, kfac_factors, kfac_saliency, mad_masks, optimise_masks, row_keep,
-    saliency_batches,
+    saliency_batches, saliency_epochs,
 )
 from tests.method_helpers import tiny_context
 
@@ -117,6 +117,14 @@ def test_saliency_batches_follow_the_budget():
     assert saliency_batches(50000, 128, 20, 10) == 391  # survey budget buys more than a pass: one pass
 
 
+def test_the_saliency_pass_charges_the_prune_phase_or_less_when_one_pass_caps_it():
+    n_batches = saliency_batches(512, 64, 2.0, 1)  # 2 batches of 23 passes buy 2 epochs of 8 batches x 2 passes
+    assert saliency_epochs(512, 64, 2.0, 1, n_batches) == 2.0
+    capped = saliency_batches(512, 64, 40.0, 1)  # one pass, 8 batches, costs 8 x 23 / (8 x 2) = 11.5 epochs
+    assert capped == 8 and saliency_epochs(512, 64, 40.0, 1, capped) == 11.5
+    assert saliency_epochs(512, 64, 0.0, 1, saliency_batches(512, 64, 0.0, 1)) == 0.0
+
+
 def test_keep_best_per_layer_stops_a_global_ranking_from_emptying_a_layer():
     scores = {"big": torch.arange(100.0) + 10, "small": torch.tensor([1.0, 3.0, 2.0])}
     assert not sparsity.global_keep(scores, 0.5)["small"].any()
@@ -170,6 +178,8 @@ def test_prune_meets_the_target_and_fine_tunes_under_the_mask(monkeypatch):
     dense = copy.deepcopy(ctx.dense)
     model = Mad().prune(ctx)
     assert len(calls) == saliency_batches(512, 64, 2.0, 1) == 2
+    # the saliency pass is charged as the 2 prune-phase epochs it replaces, the fine-tune as its 2
+    assert ctx.budget()["method"] == 4.0
 
     report = sparsity.measure(model, "weights")
     assert abs(report.n_zero_weights - 0.9 * report.n_weights) <= len(report.per_layer)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pytest_advprune import registry
-from pytest_advprune.errors import AdvPruneError, UnknownMethod
+from pytest_advprune.errors import AdvPruneError, OverBudget, UnknownMethod
 from pytest_advprune.registry import Criterion, Locality, Method, Pipeline, Schedule, Taxonomy
 
 TAX = Taxonomy(paper="Doe et al., 2030", pipeline=Pipeline.AFTER, step1="AT (PGD)", step2="AT (PGD)",
@@ -445,6 +445,20 @@ def test_a_method_that_trains_past_the_budget_is_stopped_with_a_one_line_cell_er
     assert res.error == ("overbudget fine-tune: 4 more epochs would make 3 + 4.5 of the preset's budget of 5 (dense "
                          "pretraining + prune phase + fine-tune); split the budget between the phases")
     assert not session.cache.has("pruned", session.pruned_key(cell))
+
+
+def test_work_charged_outside_train_counts_in_the_budget_and_cannot_overrun_it():
+    from tests.method_helpers import tiny_context
+
+    ctx = tiny_context(epochs=1.0)  # smoke's dense epochs + prune 1 + fine-tune 1
+    ctx.charge(0.75, "saliency pass")
+    assert ctx.budget() == {"pretrain": ctx.pretrain_epochs, "method": 0.75, "total": ctx.pretrain_epochs + 0.75}
+    with pytest.raises(OverBudget, match=r"^fine-tune: 1.5 more epochs would make .* \+ 2.25 of the preset's budget"):
+        ctx.train(ctx.dense, ctx.preset.finetune.with_(epochs=1.5), "fine-tune")
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cannot charge"):
+            ctx.charge(bad, "pass")
+    assert ctx.budget()["method"] == 0.75, "a refused charge must not count"
 
 
 def test_a_method_cannot_call_fresh_model_and_train_the_pretrained_dense_on_the_from_scratch_budget(isolated, dense_cache):
