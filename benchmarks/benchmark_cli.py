@@ -13,7 +13,7 @@ from pytest_advprune import presets, registry
 from pytest_advprune.cache import default_dir
 from pytest_advprune.errors import AdvPruneError
 from pytest_advprune.presets import Preset
-from pytest_advprune.session import Cell
+from pytest_advprune.session import AdvPruneSession, Cell, CellResult, versions
 
 
 def add_run_options(ap: argparse.ArgumentParser, methods_dir: bool = False) -> None:
@@ -81,3 +81,24 @@ def write_records(path: Path, header: dict, records: list[dict], fields: tuple[s
     tmp.write_text(json.dumps({**header, "records": kept}, indent=2))
     tmp.replace(path)
     return kept
+
+
+def judged(session: AdvPruneSession, cell: Cell, where: str = "") -> tuple[CellResult, dict]:
+    """Build (or load) and evaluate ``cell`` as the suite does, and judge it against the preset's floors:
+    ``(result, fields)``, the fields every such script records (budget, seconds, points, clean and
+    worst-case robust accuracy, per-attack accuracy, floors, verdicts of sparsity (not for the dense
+    cell), clean and robust, ``meets_floors``, the pruned model's key, device, versions). A cell that
+    cannot be built is a one-line SystemExit naming it and ``where`` (e.g. `` at scale 2x2``)."""
+    res = session.result(cell)
+    if res.error or res.evaluation is None:
+        raise SystemExit(f"could not build {cell.id}{where}: {res.error or res.skip_reason or 'not evaluated'}")
+    kinds = ("clean", "robust") if cell.structure == "dense" else ("sparsity", "clean", "robust")
+    verdicts = {kind: session.check(cell, kind).passed for kind in kinds}
+    _, min_clean, min_robust = session.floors(cell)
+    return res, {
+        "budget": res.budget, "cell_s": res.duration_s, "n_points": res.evaluation.clean.n,
+        "clean": res.evaluation.clean.acc, "robust": res.evaluation.robust.acc,
+        "attacks": {k: a.acc for k, a in res.evaluation.attacks.items()},
+        "floors": {"clean": min_clean, "robust": min_robust}, "verdicts": verdicts,
+        "meets_floors": all(verdicts.values()), "pruned_key": session.pruned_key(cell),
+        "device": str(session.device), "versions": versions()}

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from benchmark_cli import add_run_options, load_methods, load_preset, parse_cell, write_records
+from benchmark_cli import add_run_options, judged, load_methods, load_preset, parse_cell, write_records
 from pytest_advprune.presets import Preset
-from pytest_advprune.session import AdvPruneSession, RunConfig, versions
+from pytest_advprune.session import AdvPruneSession, RunConfig
 
 MAX_SCALE = 50.0
 
@@ -86,22 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         session = AdvPruneSession(RunConfig(variant, sorted({c.method for c in cells}), device=args.device,
                                             cache_dir=args.cache_dir), log=print)
         for cell in cells:
-            res = session.result(cell)
-            if res.error or res.evaluation is None:
-                raise SystemExit(f"could not build {cell.id} at scale {label(factors)}: "
-                                 f"{res.error or res.skip_reason or 'not evaluated'}")
-            verdicts = {kind: session.check(cell, kind).passed for kind in ("sparsity", "clean", "robust")}
-            _, min_clean, min_robust = session.floors(cell)
+            _, fields = judged(session, cell, f" at scale {label(factors)}")
             records.append({
                 "cell": cell.id, "scale": label(factors), "preset_scale": factors == (1.0, 1.0),
                 "prune_train": variant.prune_train.label(), "finetune": variant.finetune.label(),
-                "epochs": {"prune_train": variant.prune_train.epochs, "finetune": variant.finetune.epochs},
-                "budget": res.budget, "cell_s": res.duration_s, "n_points": res.evaluation.clean.n,
-                "clean": res.evaluation.clean.acc, "robust": res.evaluation.robust.acc,
-                "attacks": {k: a.acc for k, a in res.evaluation.attacks.items()},
-                "floors": {"clean": min_clean, "robust": min_robust}, "verdicts": verdicts,
-                "meets_floors": all(verdicts.values()), "pruned_key": session.pruned_key(cell),
-                "device": str(session.device), "versions": versions()})
+                "epochs": {"prune_train": variant.prune_train.epochs, "finetune": variant.finetune.epochs}, **fields})
 
     def pct(v):
         return f"{100 * v:.1f}"

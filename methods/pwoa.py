@@ -104,7 +104,8 @@ class PwoA(Method):
         # dense model at 85.4% clean / 71.8% robust (dense: 85.5 / 72.2; worst case), so the robustness
         # is lost to the pruning, and clean-input distillation does not win it back, even with more compute
         # (benchmarks/budget_scaling.py, 90% weights: 61.2% robust at the preset's epochs, 62.1% at the compute
-        # of the PGD-AT methods, 62.4% at 2.7 times it).
+        # of the PGD-AT methods, 62.4% at 2.7 times it), nor on a CNN of twice the widths
+        # (benchmarks/arch_width.py, 90% weights: 85.2% / 60.2%; its dense model 86.4% / 71.9%).
         f"quick:{cell}": "PwoA never sees an adversarial example: self-distillation on clean inputs keeps the clean "
         f"accuracy but not the robustness the pruning removes ({numbers} clean / robust, floors {floors}); the survey's "
         "non-residual VGG16 shows the same (90% weights: PwoA 30.5 robust against HYDRA's 43.8)"

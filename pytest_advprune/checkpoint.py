@@ -179,8 +179,11 @@ class FirstOutput(nn.Module):
 def user_architecture(spec: str) -> type[nn.Module]:
     """``path/to/file.py:ClassName`` -> the class; raises :class:`CheckpointError` if absent."""
     file, _, name = spec.rpartition(":")
-    if not file or not Path(file).is_file():
+    if not file:
         raise CheckpointError(f"--advprune-arch={spec}: expected a registered name or path/to/file.py:ClassName")
+    if not Path(file).is_file():
+        raise CheckpointError(f"--advprune-arch={spec}: no such file {file}; give the path of the Python file that "
+                              "defines the class, then :ClassName")
     mod_spec = importlib.util.spec_from_file_location(f"advprune_user_arch_{Path(file).stem}", file)
     module = importlib.util.module_from_spec(mod_spec)
     sys.modules[mod_spec.name] = module

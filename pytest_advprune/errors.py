@@ -31,3 +31,7 @@ class BadPrunedModel(AdvPruneError):
 
 class OverBudget(AdvPruneError):
     """A method asked to train for more epochs than the preset's budget leaves it."""
+
+
+class BadDataset(AdvPruneError):
+    """A dataset file that is present but unreadable: truncated, corrupt, or not in its format."""

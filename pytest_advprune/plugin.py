@@ -186,9 +186,15 @@ def _checkpoint_spec(config: pytest.Config):
                                 "pytest call of their own)")
     arch, dataset, sparsity = _opt(config, "arch"), _opt(config, "dataset"), _opt(config, "sparsity")
     structure, normalization = _opt(config, "structure"), _opt(config, "normalization")
-    if not arch or not (arch in ARCHITECTURES or ":" in arch):
+    if not arch:
         raise pytest.UsageError(f"--advprune-checkpoint needs --advprune-arch: one of {', '.join(ARCHITECTURES)} "
                                 f"or path/to/file.py:ClassName")
+    if arch not in ARCHITECTURES and ":" not in arch:
+        raise pytest.UsageError(f"{_given(config, 'arch')}: not an architecture; use one of {', '.join(ARCHITECTURES)} "
+                                "or path/to/file.py:ClassName")
+    if arch not in ARCHITECTURES and not Path(arch.rpartition(":")[0]).is_file():
+        raise pytest.UsageError(f"{_given(config, 'arch')}: no such file {arch.rpartition(':')[0] or '(empty)'}; give "
+                                "the path of the Python file that defines the class, then :ClassName")
     if dataset not in DATASETS:
         raise pytest.UsageError(f"--advprune-checkpoint needs --advprune-dataset: one of {', '.join(DATASETS)}")
     if structure not in ("weights", "filters", "channels"):
@@ -196,7 +202,8 @@ def _checkpoint_spec(config: pytest.Config):
     if normalization not in ("model", "dataset"):
         raise pytest.UsageError(f"{_given(config, 'normalization')}: use model or dataset")
     if sparsity is None or not sparsity.isdigit() or not 0 < int(sparsity) < 100:
-        raise pytest.UsageError(f"{_given(config, 'sparsity')}: give the claimed sparsity as a percentage, e.g. 90")
+        raise pytest.UsageError(f"{_given(config, 'sparsity')}: give the claimed sparsity as a whole percentage "
+                                "from 1 to 99, e.g. 90")
     if not Path(path).is_file():
         raise pytest.UsageError(f"{_given(config, 'checkpoint')}: no such file")
     name = _opt(config, "name")

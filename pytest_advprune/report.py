@@ -41,10 +41,20 @@ def protocol_id(preset) -> str:
     return f"{preset.name}-e{ENGINE_VERSION}-{preset.fingerprint()}"
 
 
+def cell_checks() -> tuple[str, ...]:
+    """Every check a cell's whole verdict needs: ``sparsity``, ``clean``, ``robust`` and one
+    ``indicator:<name>`` per attack-failure indicator (the conformance suite's tests of a cell)."""
+    from .indicators import NAMES  # here, not at the top: the report's command line needs no torch
+
+    return ("sparsity", "clean", "robust", *(f"indicator:{n}" for n in NAMES))
+
+
 def record_status(outcomes: dict[str, str], skip_reason: str | None, error: str | None) -> tuple[str, bool | None]:
-    """``(status, passed)`` of a cell from its checks' outcomes (``sparsity``/``clean``/``robust`` ->
-    ``passed``/``failed``/``skipped``/``xfailed``): SKIP, ERROR, not run, FAIL, XFAIL, PASS or partial;
-    ``passed`` is None for SKIP, partial and not run."""
+    """``(status, passed)`` of a cell from its checks' outcomes (:func:`cell_checks` -> ``passed``/
+    ``failed``/``skipped``/``xfailed``): SKIP, ERROR, not run, FAIL, XFAIL, PASS or partial; ``passed``
+    is None for SKIP, partial and not run. A failed check fails the cell whatever else ran; XFAIL and
+    PASS need every check of :func:`cell_checks` (an interrupted or ``-k`` run that left some out is
+    partial, so it never replaces a whole verdict in the report)."""
     if skip_reason:
         status = "SKIP"
     elif error:
@@ -53,10 +63,11 @@ def record_status(outcomes: dict[str, str], skip_reason: str | None, error: str 
         status = "not run"
     elif any(v == "failed" for v in outcomes.values()):
         status = "FAIL"
+    elif not set(cell_checks()) <= set(outcomes):
+        status = "partial"
     elif any(v == "xfailed" for v in outcomes.values()):
         status = "XFAIL"  # failed a check, as the method's known_failures entry says it will
-    elif {"sparsity", "clean", "robust"} <= set(outcomes) and "passed" in outcomes.values() \
-            and all(v in ("passed", "skipped") for v in outcomes.values()):
+    elif "passed" in outcomes.values() and all(v in ("passed", "skipped") for v in outcomes.values()):
         status = "PASS"
     else:
         status = "partial"
@@ -154,34 +165,35 @@ class ReportMismatch(AdvPruneError):
     """The report file at the target path belongs to another preset."""
 
 
-def check_target(md_path: Path, preset: str) -> None:
+def check_target(md_path: Path, preset: str, option: str = "--advprune-report=") -> None:
     """Raise :class:`ReportMismatch` if the JSON beside ``md_path`` holds another preset's records, or
     if the report cannot be written there (a file where a folder should be, no write permission),
-    so a run fails before any cell is computed rather than after all of them."""
+    so a run fails before any cell is computed rather than after all of them. ``option`` prefixes the
+    path in the messages (the command line's ``-o `` for ``report merge``)."""
     md_path = Path(md_path)
     if md_path.suffix != ".md" or md_path.is_dir():
-        raise ReportMismatch(f"--advprune-report={md_path}: give the markdown file's path, ending in .md (the JSON "
-                             f"goes beside it), e.g. --advprune-report={md_path.with_suffix('.md').name}")
+        raise ReportMismatch(f"{option}{md_path}: give the markdown file's path, ending in .md (the JSON "
+                             f"goes beside it), e.g. {option}{md_path.with_suffix('.md').name}")
     folder = next(p for p in (md_path.parent, *md_path.parent.parents) if p.exists())
     if not folder.is_dir():
-        raise ReportMismatch(f"--advprune-report={md_path}: {folder} is a file, not a folder; pass a report path "
+        raise ReportMismatch(f"{option}{md_path}: {folder} is a file, not a folder; pass a report path "
                              "in a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ReportMismatch(f"--advprune-report={md_path}: {folder} is not writable; pass a report path you can write")
+        raise ReportMismatch(f"{option}{md_path}: {folder} is not writable; pass a report path you can write")
     json_path = md_path.with_suffix(".json")
     if md_path.parent.is_dir():
         try:  # the lock file write() takes: a folder that looks writable may still refuse it (/proc, a read-only mount)
             with open(_lock_path(json_path), "a"):
                 pass
         except OSError as exc:
-            raise ReportMismatch(f"--advprune-report={md_path}: cannot create {_lock_path(json_path)} ({exc.strerror}); "
+            raise ReportMismatch(f"{option}{md_path}: cannot create {_lock_path(json_path)} ({exc.strerror}); "
                                  "pass a report path in a folder you can write") from None
     try:
         held = json.loads(json_path.read_text()).get("preset")
     except (OSError, ValueError, AttributeError):
         return  # absent or unreadable: write() creates it or moves it aside
     if held not in (None, preset):
-        raise ReportMismatch(f"{json_path} holds preset {held!r}, not {preset!r}; pass --advprune-report=reports/{preset}.md")
+        raise ReportMismatch(f"{json_path} holds preset {held!r}, not {preset!r}; pass {option}reports/{preset}.md")
 
 
 LOCK_TIMEOUT_S = 600
@@ -809,11 +821,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --compare {args.advprune_compare}: unreadable baseline report ({exc})", file=sys.stderr)
             return 2
     json_path = args.output.with_suffix(".json")
-    previous = load(json_path, lambda line: print(line, file=sys.stderr))
-    if previous is not None and previous.get("preset") not in (None, merged["preset"]):
-        print(f"error: {json_path} holds preset {previous['preset']!r}, not {merged['preset']!r}; pass an -o of that "
-              "preset's report (the output holds exactly the merged inputs)", file=sys.stderr)
+    try:  # before anything is written: a path that cannot take the report fails now, not at the lock
+        check_target(args.output, merged["preset"], option="-o ")
+    except ReportMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    previous = load(json_path, lambda line: print(line, file=sys.stderr))
     print(diff_markdown(previous, merged))
     status = 0
     if baseline is not None:

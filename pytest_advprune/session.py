@@ -14,6 +14,7 @@ import datetime as _dt
 import hashlib
 import math
 import os
+import pickle
 import platform
 import time
 import traceback
@@ -27,7 +28,7 @@ from torch import nn
 from . import __version__, compact, data, models, registry, report, speed
 from . import checkpoint as ckpt
 from .cache import PACKAGE, Cache, code_digest, default_dir, digest, weights_digest
-from .errors import AdvPruneError, BadOption, BadPrunedModel, OverBudget
+from .errors import AdvPruneError, BadDataset, BadOption, BadPrunedModel, OverBudget
 from .evaluate import Evaluation, check_finite, evaluate, with_fmn
 from .fmn import FMNResult, run_fmn
 from .presets import Preset
@@ -391,10 +392,21 @@ class AdvPruneSession:
             self._split(False)
 
     def _split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The preset's training or test points. Raises :class:`~pytest_advprune.errors.DatasetNotFound`
+        or, for files that are present but unreadable, :class:`~pytest_advprune.errors.BadDataset` (one
+        line: the file, what is wrong, the fix)."""
         if train not in self._data:
             p = self.preset
             limit = p.n_train if train else p.n_eval
-            self._data[train] = data.load(p.dataset, train, self.config.data_dir, Path(self.config.cache_dir) / "data", limit)
+            try:
+                self._data[train] = data.load(p.dataset, train, self.config.data_dir,
+                                              Path(self.config.cache_dir) / "data", limit)
+            except (ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as exc:
+                info = data.DATASETS[p.dataset]
+                hint = f"reinstall it (`apt-get install --reinstall {info.debian_package}`) or " if info.debian_package else ""
+                raise BadDataset(f"dataset {p.dataset}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                                 f"fix: {hint}point --advprune-data-dir=DIR (or {data.ENV_VAR}) at an intact copy "
+                                 "in torchvision's format") from exc
         return self._data[train]
 
     def dense_model(self, arch: str) -> nn.Module:

@@ -513,8 +513,10 @@ def test_user_architecture_spec_errors(tmp_path, user_arch):
     file = arch.rpartition(":")[0]
     with pytest.raises(CheckpointError, match="defines no Missing"):
         load_checkpoint_model(spec(path, arch=f"{file}:Missing"))
-    with pytest.raises(CheckpointError, match="path/to/file.py:ClassName"):
+    with pytest.raises(CheckpointError, match="no such file .*absent.py; give the path of the Python file"):
         load_checkpoint_model(spec(path, arch=f"{tmp_path / 'absent.py'}:TupleNet"))
+    with pytest.raises(CheckpointError, match="expected a registered name or path/to/file.py:ClassName"):
+        load_checkpoint_model(spec(path, arch=":TupleNet"))
 
 
 def test_model_identity_tells_user_architectures_apart_by_their_code(tmp_path, user_arch):
@@ -664,13 +666,19 @@ def test_malicious_checkpoint_fails_the_run_and_nothing_runs(advprune, tmp_path)
 USAGE_CASES = {
     "no-arch": (["--advprune-checkpoint=m.pt", "--advprune-dataset=fashion_mnist", "--advprune-sparsity=90"],
                 "--advprune-arch"),
-    "unknown-arch": (checkpoint_args(Path("m.pt")) + ["--advprune-arch=mlp"], "--advprune-arch"),
+    "unknown-arch": (checkpoint_args(Path("m.pt")) + ["--advprune-arch=mlp"],
+                     "--advprune-arch=mlp: not an architecture; use one of cnn, resnet18, vgg16 or path/to/file.py:ClassName"),
+    "arch-file-missing": (checkpoint_args(Path("m.pt")) + ["--advprune-arch=absent.py:Net"],
+                          "--advprune-arch=absent.py:Net: no such file absent.py; give the path of the Python file"),
+    "arch-without-file": (checkpoint_args(Path("m.pt")) + ["--advprune-arch=:Net"],
+                          "--advprune-arch=:Net: no such file (empty)"),
     "no-sparsity": (["--advprune-checkpoint=m.pt", "--advprune-arch=cnn", "--advprune-dataset=fashion_mnist"],
                     "--advprune-sparsity"),
     "sparsity-word": (checkpoint_args(Path("m.pt"), "ninety"), "--advprune-sparsity=ninety"),
     "sparsity-150": (checkpoint_args(Path("m.pt"), "150"), "--advprune-sparsity=150"),
     "sparsity-0": (checkpoint_args(Path("m.pt"), "0"), "--advprune-sparsity=0"),
-    "sparsity-fraction": (checkpoint_args(Path("m.pt"), "0.9"), "--advprune-sparsity=0.9"),
+    "sparsity-fraction": (checkpoint_args(Path("m.pt"), "0.9"), "--advprune-sparsity=0.9: give the claimed sparsity as a "
+                                                                "whole percentage from 1 to 99"),
     "no-dataset": (["--advprune-checkpoint=m.pt", "--advprune-arch=cnn", "--advprune-sparsity=90"],
                    "--advprune-dataset"),
     "dataset-vs-preset": (checkpoint_args(Path("m.pt")) + ["--advprune-dataset=cifar10"], "does not match preset smoke"),

@@ -269,6 +269,22 @@ def test_merge_cli_refuses_to_overwrite_a_report_of_another_preset(tmp_path, cap
     assert quick.read_bytes() == before and not (tmp_path / "x.md").exists()
 
 
+@pytest.mark.parametrize("output, message", [
+    ("/proc/x.md", "-o /proc/x.md: cannot create /proc/x.json.lock"),
+    ("out/x.txt", "-o out/x.txt: give the markdown file's path, ending in .md"),
+    ("afile/x.md", "afile is a file, not a folder"),
+])
+def test_merge_cli_refuses_an_output_it_cannot_write_at_once(tmp_path, capsys, monkeypatch, output, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "LOCK_TIMEOUT_S", 30)  # a refusal that waited for the lock would show as a timeout
+    (tmp_path / "afile").write_text("not a folder\n")
+    a = write(tmp_path / "A.json", doc([rec()]))
+    assert report.main(["merge", str(a), "-o", output]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_cli_diff_against_the_previous_output(tmp_path, capsys):
     a = write(tmp_path / "A.json", doc([rec(robust=0.40), rec(sparsity=95)]))
     assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 0

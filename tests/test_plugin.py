@@ -329,6 +329,29 @@ def test_a_missing_dataset_is_one_usage_error_and_the_report_keeps_its_results(a
     assert advprune.report_json.read_bytes() == before
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_dataset_file_is_one_usage_error_and_the_report_keeps_its_results(advprune, tmp_path, damage):
+    """Files that are there but unreadable (a cut download, a wrong file) are a usage error, not a traceback."""
+    import gzip
+
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    for stem, n in (("t10k-images-idx3-ubyte", 10 * 28 * 28), ("t10k-labels-idx1-ubyte", 10)):
+        header = b"\0\0\x08\x03" + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 if "images" in stem \
+            else b"\0\0\x08\x01" + (10).to_bytes(4, "big")
+        blob = gzip.compress(header + bytes(n))
+        (folder / f"{stem}.gz").write_bytes(blob[: len(blob) // 2] if damage == "truncated" else b"garbage\n")
+    advprune.report_json.parent.mkdir(parents=True, exist_ok=True)
+    advprune.report_json.write_text('{"preset": "smoke", "records": []}')
+    before = advprune.report_json.read_bytes()
+    result = advprune.inprocess("--advprune-method=hydra", f"--advprune-data-dir={folder}")
+    assert result.ret == USAGE
+    line = single_error_line(result)
+    assert line.startswith("ERROR: dataset fashion_mnist: ValueError: ") and "t10k-images-idx3-ubyte.gz" in line
+    assert "apt-get install --reinstall dataset-fashion-mnist" in line and "--advprune-data-dir" in line
+    assert advprune.report_json.read_bytes() == before
+
+
 def test_methods_dir_not_a_folder(advprune):
     (advprune.pytester.path / "notafolder.py").write_text("x = 1\n")
     for target in ("notafolder.py", "does-not-exist"):
@@ -615,11 +638,13 @@ def test_partial_run_does_not_pass_a_cell(advprune, dense_cache):
     assert rec["status"] != "PASS" and rec["passed"] is not True
 
 
-def test_a_partial_rerun_keeps_the_cells_whole_verdict_in_the_report(advprune, dense_cache):
+@pytest.mark.parametrize("selection, passed, skipped", [("clean_accuracy", 1, 0), ("not indicator", 2, 1)])
+def test_a_partial_rerun_keeps_the_cells_whole_verdict_in_the_report(advprune, dense_cache, selection, passed, skipped):
+    """Also when only the indicators were left out: the accuracy checks alone are not the whole verdict."""
     advprune.inprocess("--advprune-method=dense").assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
     whole = advprune.records()[DENSE]
-    result = advprune.inprocess("--advprune-method=dense", "-k", "clean_accuracy", "-q")  # shown under -q too
-    result.assert_outcomes(passed=1, deselected=PER_CELL - 1)
+    result = advprune.inprocess("--advprune-method=dense", "-k", selection, "-q")  # shown under -q too
+    result.assert_outcomes(passed=passed, skipped=skipped, deselected=PER_CELL - passed - skipped)
     assert advprune.records()[DENSE] == whole
     assert "kept the earlier whole verdict of 1 cell(s) this run checked only in part (dense-cnn-dense-0)" in result.stdout.str()
 

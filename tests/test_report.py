@@ -101,8 +101,12 @@ def _fake_cell_result(outcomes, skip_reason=None, error=None, evaluated=True):
     return cell, res, session
 
 
+# outcomes of every attack-failure indicator test of a cell, all passed
+INDICATORS = {k: "passed" for k in report.cell_checks() if k.startswith("indicator:")}
+
+
 def test_hand_built_records_have_the_keys_make_record_produces():
-    cell, res, session = _fake_cell_result({"sparsity": "passed", "clean": "passed", "robust": "passed"})
+    cell, res, session = _fake_cell_result({"sparsity": "passed", "clean": "passed", "robust": "passed", **INDICATORS})
     real = report.make_record(cell, res, session, {"python": "3.11"})
     ours = record(preset="smoke")
     assert set(ours) <= set(real), set(ours) - set(real)
@@ -128,14 +132,21 @@ def test_make_record_keeps_every_indicator_and_a_failed_one_fails_the_cell():
 
 
 @pytest.mark.parametrize("outcomes, skip, error, status, passed", [
-    ({"sparsity": "passed", "clean": "passed", "robust": "passed"}, None, None, "PASS", True),
-    ({"sparsity": "passed", "clean": "failed", "robust": "passed"}, None, None, "FAIL", False),
-    ({"sparsity": "passed", "clean": "xfailed", "robust": "xfailed"}, None, None, "XFAIL", False),
+    ({"sparsity": "passed", "clean": "passed", "robust": "passed", **INDICATORS}, None, None, "PASS", True),
+    ({"sparsity": "skipped", "clean": "passed", "robust": "passed", **INDICATORS}, None, None, "PASS", True),
+    ({"sparsity": "passed", "clean": "failed", "robust": "passed", **INDICATORS}, None, None, "FAIL", False),
+    ({"sparsity": "passed", "clean": "failed"}, None, None, "FAIL", False),
+    ({"sparsity": "passed", "clean": "xfailed", "robust": "xfailed", **INDICATORS}, None, None, "XFAIL", False),
+    ({"sparsity": "passed", "clean": "passed", "robust": "passed"}, None, None, "partial", None),
+    ({"sparsity": "passed", "clean": "xfailed", "robust": "xfailed"}, None, None, "partial", None),
+    ({"sparsity": "passed", "clean": "passed", "robust": "passed",
+      **dict(list(INDICATORS.items())[:-1])}, None, None, "partial", None),
     ({"sparsity": "skipped"}, None, None, "partial", None),
     ({}, None, None, "not run", None),
     ({"sparsity": "skipped"}, "no filters", None, "SKIP", None),
     ({"sparsity": "failed"}, None, "RuntimeError: x", "ERROR", False),
-], ids=["pass", "fail", "known-failure", "partial", "not-run", "skip", "error"])
+], ids=["pass", "pass-dense", "fail", "fail-before-indicators", "known-failure", "indicators-not-run",
+        "known-failure-indicators-not-run", "one-indicator-not-run", "partial", "not-run", "skip", "error"])
 def test_make_record_status(outcomes, skip, error, status, passed):
     rec = report.make_record(*_fake_cell_result(outcomes, skip, error, evaluated=False), {})
     assert (rec["status"], rec["passed"]) == (status, passed)

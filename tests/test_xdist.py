@@ -102,10 +102,11 @@ def _rec(checks: dict, *, evaluated: bool = True, error=None, **changes) -> dict
 
 def test_combine_joins_a_cell_split_over_workers():
     sparsity_only = _rec({"sparsity": "passed"}, evaluated=False, worker="gw0")
-    accuracy = _rec({"clean": "passed", "robust": "passed"}, worker="gw1")
+    indicators = {k: "passed" for k in report.cell_checks() if k.startswith("indicator:")}
+    accuracy = _rec({"clean": "passed", "robust": "passed", **indicators}, worker="gw1")
     assert sparsity_only["status"] == accuracy["status"] == "partial"
     (joined,) = report.combine([sparsity_only, accuracy])
-    assert joined["checks"] == {"sparsity": "passed", "clean": "passed", "robust": "passed"}
+    assert joined["checks"] == {"sparsity": "passed", "clean": "passed", "robust": "passed", **indicators}
     assert joined["status"] == "PASS" and joined["passed"] is True and joined["clean_acc"] == 0.7
 
 
