@@ -58,6 +58,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:
             raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({exc})") from None
+    if head[8:10] == b'{"':  # safetensors: an 8-byte header length, then the JSON header
+        raise CheckpointError(f"checkpoint {path}: this is a safetensors file; rename it to end in .safetensors")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a torch zip archive, or a legacy file's pickle protocol byte
+        raise CheckpointError(f"checkpoint {path}: neither a torch checkpoint nor safetensors (it starts with "
+                              f"{head[:16]!r}); save it with torch.save(model.state_dict(), path) or safetensors")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

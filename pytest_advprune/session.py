@@ -275,13 +275,13 @@ class AdvPruneSession:
         self.device = config.torch_device()
         speed.configure_threads()  # env ADVPRUNE_THREADS; by default torch's thread count stays
         speed.FastPath.for_device(self.device)  # a bad ADVPRUNE_COMPILE is a usage error now, not per cell
-        self.cache = Cache(config.cache_dir, log)
+        self.notices: list[str] = []
+        self.cache = Cache(config.cache_dir, self.notice)  # a corrupt entry rebuilt is said under -q too
         self._results: dict[Cell, CellResult] = {}
         self._data: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dense: dict[str, nn.Module] = {}
         self._dense_built: dict[str, dict | None] = {}
         self.started = _dt.datetime.now(_dt.timezone.utc)
-        self.notices: list[str] = []
 
     # ---------------------------------------------------------------- grid
 

@@ -16,6 +16,12 @@ def _script():
     return load_benchmark("arch_width")
 
 
+@pytest.fixture(autouse=True)
+def _architectures(monkeypatch):
+    """The script registers its widened CNNs for the process; here they must not outlive the test."""
+    monkeypatch.setattr(models, "ARCHITECTURES", dict(models.ARCHITECTURES))
+
+
 def test_a_width_multiplies_every_layer_of_the_cnn_and_nothing_else_of_the_preset():
     q = presets.QUICK
     assert _script().widened(q, 1) == q

@@ -154,6 +154,8 @@ def test_unreadable_files_raise_one_line_checkpoint_error(tmp_path, kind):
         assert "HTML" in msg
     if kind.startswith("truncated"):
         assert "truncated or corrupt" in msg
+    if kind == "plain-text":
+        assert "neither a torch checkpoint nor safetensors (it starts with b'hello world, thi')" in msg
 
 
 def test_truncated_safetensors_raises_checkpoint_error(tmp_path):
@@ -165,6 +167,17 @@ def test_truncated_safetensors_raises_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError) as info:
         ckpt.read_state_dict(path)
     assert_one_line_about(info.value, path)
+
+
+def test_a_safetensors_file_without_its_suffix_is_named_as_such(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.pt"
+    save_file({k: v.contiguous() for k, v in cnn().state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match="this is a safetensors file; rename it to end in .safetensors"):
+        ckpt.read_state_dict(path)
+    path.rename(tmp_path / "m.safetensors")
+    assert set(ckpt.read_state_dict(tmp_path / "m.safetensors")) == set(cnn().state_dict())
 
 
 def test_missing_path_raises_checkpoint_error(tmp_path):

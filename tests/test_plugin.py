@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -691,6 +692,17 @@ def test_corrupt_report_is_moved_aside(advprune, dense_cache):
     assert len(aside) == 1 and aside[0].read_text().endswith("this is not json")
     assert set(advprune.records()) == {DENSE}
     assert "was unreadable" in result.stdout.str()
+
+
+def test_a_corrupt_cache_entry_is_rebuilt_and_said_under_quiet_too(advprune, dense_cache, tmp_path):
+    advprune.cache_dir = shutil.copytree(dense_cache, tmp_path / "cache")  # the shared cache stays intact
+    entries = sorted((advprune.cache_dir / "indicators").glob("*.json"))
+    assert entries, "the warm cache holds the dense cell's indicators"
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:-20])
+    result = advprune.inprocess("--advprune-method=dense", "-q")
+    result.assert_outcomes(passed=DENSE_PASSED, skipped=DENSE_SKIPPED)
+    assert re.search(r"^cache: indicators/\w+ is corrupt \(.+\); deleting and rebuilding it$", result.stdout.str(), re.M)
 
 
 # ------------------------------------------------------------------ ini options, floors, verbosity
