@@ -789,8 +789,57 @@ def diff_markdown(old: dict | None, new: dict) -> str:
     return tabulate(rows, ["cell", "before", "after"], tablefmt="github", disable_numparse=True)
 
 
+def _write_document(doc: dict[str, Any], md_path: Path) -> None:
+    """Write ``doc`` as ``md_path``'s JSON, its curves and the markdown, under the report's lock
+    (a pytest run may be writing the same report); raises :class:`ReportMismatch` if the lock is not won."""
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    doc["curves_dir"] = curves_dir(md_path).name
+    json_path = md_path.with_suffix(".json")
+    with _locked(json_path):
+        atomic_write_bytes(json_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+        write_curves(doc, md_path)
+        atomic_write_bytes(md_path, render_markdown(doc).encode())
+
+
+DROP_FILTERS = ("method", "arch", "structure", "sparsity")
+
+
+def drop(md_path: Path, **filters: str | None) -> list[dict]:
+    """Remove from the report at ``md_path`` the records matching every given filter (``method``,
+    ``arch``, ``structure``, ``sparsity`` in percent, as a string) and rewrite it; returns the removed
+    records. Raises :class:`ReportMismatch`, writing nothing, when no filter is given, the report is
+    absent or unreadable, or no record matches."""
+    given = {k: v for k, v in filters.items() if v is not None}
+    if not given:
+        raise ReportMismatch("give at least one of --method, --arch, --structure, --sparsity (to start a report "
+                             "afresh, delete its .md and .json)")
+    json_path = md_path.with_suffix(".json")
+    try:
+        doc = check_document(json.loads(json_path.read_text()))
+    except FileNotFoundError:
+        raise ReportMismatch(f"{json_path}: no such report; give the .md path of an existing report") from None
+    except (OSError, ValueError) as exc:
+        raise ReportMismatch(f"{json_path}: unreadable report ({exc}); nothing was dropped") from None
+    check_target(md_path, doc.get("preset"), option="")  # writable, and a .md path
+
+    def matches(rec: dict) -> bool:
+        values = {"method": rec["method"], "arch": rec["arch"], "structure": rec["structure"],
+                  "sparsity": f"{round(100 * rec['target_sparsity'])}"}
+        return all(values[k] == v for k, v in given.items())
+
+    removed = [r for r in doc["records"] if matches(r)]
+    if not removed:
+        present = sorted({f"{r['method']} ({r['arch']})" for r in doc["records"]})
+        raise ReportMismatch(f"no record of {json_path} matches {', '.join(f'{k}={v}' for k, v in given.items())}; "
+                             f"it holds {', '.join(present) or 'no records'}")
+    doc["records"] = [r for r in doc["records"] if not matches(r)]
+    _write_document(doc, md_path)
+    return removed
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pytest_advprune.report merge A.json B.json ... -o reports/NAME.md [--compare BASE.json]``."""
+    """``python -m pytest_advprune.report merge A.json B.json ... -o reports/NAME.md [--compare BASE.json]``,
+    or ``python -m pytest_advprune.report drop reports/NAME.md [--method M] [--arch A] [--structure S] [--sparsity N]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pytest_advprune.report")
@@ -799,7 +848,21 @@ def main(argv: list[str] | None = None) -> int:
     mg.add_argument("inputs", nargs="+", type=Path)
     mg.add_argument("-o", "--output", type=Path, required=True, help="markdown path; the JSON goes beside it")
     add_compare_options(mg.add_argument, "--")
+    dr = sub.add_parser("drop", help="remove the records of some cells from a report (all given filters must match)")
+    dr.add_argument("report", type=Path, help="the report's markdown path; its JSON is beside it")
+    for name in DROP_FILTERS:
+        dr.add_argument(f"--{name}", default=None, help="sparsity in percent, e.g. 90" if name == "sparsity" else None)
     args = parser.parse_args(argv)
+    if args.command == "drop":
+        try:
+            removed = drop(args.report, **{k: getattr(args, k) for k in DROP_FILTERS})
+        except ReportMismatch as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for rec in removed:
+            print(f"dropped {rec['method']}-{rec['dataset']}-{rec['arch']}-{rec['structure']}-"
+                  f"{round(100 * rec['target_sparsity'])} ({rec['status']})")
+        return 0
     docs = []
     for path in args.inputs:
         try:
@@ -834,13 +897,8 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             print(regression_table(rows))
             status = 1
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    merged["curves_dir"] = curves_dir(args.output).name
     try:
-        with _locked(json_path):  # a pytest run may be writing the same report
-            atomic_write_bytes(json_path, (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode())
-            write_curves(merged, args.output)
-            atomic_write_bytes(args.output, render_markdown(merged).encode())
+        _write_document(merged, args.output)
     except ReportMismatch as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -448,3 +448,46 @@ def test_a_cell_that_now_errors_is_a_regression():
     now = {k: v for k, v in base.items() if k not in ("clean_acc", "robust_acc")}
     rows = rp.regressions([now], [base], rp.parse_compare_fail("robust_acc:1.0"))
     assert [r[1] for r in rows] == ["robust_acc"] and rows[0][3] == "0.0"
+
+
+# ------------------------------------------------------------------------------ drop
+
+
+def test_drop_removes_the_matching_cells_and_rerenders_the_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    a = write(tmp_path / "A.json", doc([rec(), rec(sparsity=95), rec("hydra"), rec("hydra", structure="filters", sparsity=50)]))
+    assert report.main(["merge", str(a), "-o", str(out / "x.md")]) == 0
+    capsys.readouterr()
+    assert report.main(["drop", str(out / "x.md"), "--method", "lwm", "--sparsity", "95"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["dropped lwm-fashion_mnist-cnn-weights-95 (PASS)"]
+    kept = json.loads((out / "x.json").read_text())
+    assert sorted(cell_id(r) for r in kept["records"]) == [
+        "hydra-fashion_mnist-cnn-filters-50", "hydra-fashion_mnist-cnn-weights-90", "lwm-fashion_mnist-cnn-weights-90"]
+    assert (out / "x.md").read_text() == report.render_markdown(kept)
+    assert report.main(["drop", str(out / "x.md"), "--method", "hydra"]) == 0
+    assert [cell_id(r) for r in json.loads((out / "x.json").read_text())["records"]] == ["lwm-fashion_mnist-cnn-weights-90"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give at least one of --method, --arch, --structure, --sparsity"),
+    (["--method", "nosuch"], "matches method=nosuch; it holds hydra (cnn), lwm (cnn)"),
+    (["--method", "lwm", "--arch", "vgg16"], "matches method=lwm, arch=vgg16"),
+])
+def test_drop_that_matches_nothing_or_has_no_filter_writes_nothing(tmp_path, capsys, args, message):
+    a = write(tmp_path / "A.json", doc([rec(), rec("hydra")]))
+    assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 0
+    before = {p: (tmp_path / p).read_bytes() for p in ("x.md", "x.json")}
+    capsys.readouterr()
+    assert report.main(["drop", str(tmp_path / "x.md"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
+
+
+def test_drop_refuses_a_missing_or_unreadable_report(tmp_path, capsys):
+    assert report.main(["drop", str(tmp_path / "none.md"), "--method", "lwm"]) == 2
+    assert "none.json: no such report" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{ not json")
+    assert report.main(["drop", str(tmp_path / "bad.md"), "--method", "lwm"]) == 2
+    assert "bad.json: unreadable report" in capsys.readouterr().err
+    assert (tmp_path / "bad.json").read_text() == "{ not json"
