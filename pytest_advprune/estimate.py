@@ -186,14 +186,15 @@ def estimate(session, budget_s: float = 1.0, batch: int | None = None) -> Estima
     """The projection of ``session``'s grid (an :class:`~pytest_advprune.session.AdvPruneSession`
     of methods, not of a checkpoint, that has built nothing) on its device. Reads the cache to say
     what is done; writes nothing. Throughput is timed for ``budget_s`` seconds per architecture on
-    batches of ``batch`` (default: the preset's training batch on a GPU, 16 on a CPU)."""
+    batches of ``batch`` (default: the preset's training batch, the size most passes run at; on a
+    CPU shared with other work a smaller batch over-states the per-sample cost several times)."""
     p = session.preset
     n_train = p.n_train or TRAIN_SIZES[p.dataset]
     cells = [c for c in session.cells() if c.structure == "dense" or c.structure in get_method(c.method).structures]
     unsupported = len(session.cells()) - len(cells)
     device = session.device
-    if batch is None:  # per-sample cost on a CPU barely depends on the batch; a GPU needs a full one
-        batch = p.dense_train.batch_size if device.type == "cuda" else 16
+    if batch is None:
+        batch = p.dense_train.batch_size
     archs = sorted({c.arch for c in cells})
     speed = {a: seconds_per_pass(a, p.dataset, batch, device, budget_s) for a in archs}
     phases = []

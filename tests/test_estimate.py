@@ -48,6 +48,16 @@ def test_seconds_per_pass_is_measured():
     assert 0 < s and math.isfinite(s)
 
 
+def test_throughput_is_timed_at_the_training_batch_on_a_cpu_too(tmp_path, monkeypatch):
+    """A small batch on a CPU shared with other work over-states the per-sample cost several times."""
+    import pytest_advprune.estimate as est_module
+
+    seen = []
+    monkeypatch.setattr(est_module, "seconds_per_pass", lambda arch, dataset, batch, device, budget_s: seen.append(batch) or 1e-4)
+    estimate(_session("smoke", ["lwm"], tmp_path), budget_s=0.05)
+    assert seen == [presets.SMOKE.dense_train.batch_size]
+
+
 def test_empty_cache_projects_everything_and_writes_nothing(tmp_path):
     cache = tmp_path / "cache"
     est = estimate(_session("smoke", ["hydra", "lwm"], cache), budget_s=0.05)
