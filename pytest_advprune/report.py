@@ -172,8 +172,9 @@ def check_target(md_path: Path, preset: str, option: str = "--advprune-report=")
     path in the messages (the command line's ``-o `` for ``report merge``)."""
     md_path = Path(md_path)
     if md_path.suffix != ".md" or md_path.is_dir():
+        example = md_path.with_suffix(".md").name if md_path.stem and md_path.stem != ".md" else "reports/smoke.md"
         raise ReportMismatch(f"{option}{md_path}: give the markdown file's path, ending in .md (the JSON "
-                             f"goes beside it), e.g. {option}{md_path.with_suffix('.md').name}")
+                             f"goes beside it), e.g. {option}{example}")
     folder = next(p for p in (md_path.parent, *md_path.parent.parents) if p.exists())
     if not folder.is_dir():
         raise ReportMismatch(f"{option}{md_path}: {folder} is a file, not a folder; pass a report path "
@@ -789,16 +790,27 @@ def diff_markdown(old: dict | None, new: dict) -> str:
     return tabulate(rows, ["cell", "before", "after"], tablefmt="github", disable_numparse=True)
 
 
-def _write_document(doc: dict[str, Any], md_path: Path) -> None:
-    """Write ``doc`` as ``md_path``'s JSON, its curves and the markdown, under the report's lock
-    (a pytest run may be writing the same report); raises :class:`ReportMismatch` if the lock is not won."""
+def _write_unlocked(doc: dict[str, Any], md_path: Path) -> None:
+    """Write ``doc`` as ``md_path``'s JSON, its curves and the markdown; the caller holds the lock.
+    Raises :class:`ReportMismatch` (one line) if a file cannot be written."""
     md_path.parent.mkdir(parents=True, exist_ok=True)
     doc["curves_dir"] = curves_dir(md_path).name
     json_path = md_path.with_suffix(".json")
-    with _locked(json_path):
+    try:
         atomic_write_bytes(json_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
         write_curves(doc, md_path)
         atomic_write_bytes(md_path, render_markdown(doc).encode())
+    except OSError as exc:  # each file is replaced whole or not at all; the JSON is the source of truth
+        raise ReportMismatch(f"could not write {exc.filename or md_path} ({exc.strerror or exc}); {json_path} holds the "
+                             f"records: re-render with python -m pytest_advprune.report merge {json_path} -o {md_path}") \
+            from None
+
+
+def _write_document(doc: dict[str, Any], md_path: Path) -> None:
+    """:func:`_write_unlocked` under the report's lock (a pytest run may be writing the same report);
+    raises :class:`ReportMismatch` if the lock is not won or a file cannot be written."""
+    with _locked(md_path.with_suffix(".json")):
+        _write_unlocked(doc, md_path)
 
 
 DROP_FILTERS = ("method", "arch", "structure", "sparsity")
@@ -806,34 +818,47 @@ DROP_FILTERS = ("method", "arch", "structure", "sparsity")
 
 def drop(md_path: Path, **filters: str | None) -> list[dict]:
     """Remove from the report at ``md_path`` the records matching every given filter (``method``,
-    ``arch``, ``structure``, ``sparsity`` in percent, as a string) and rewrite it; returns the removed
-    records. Raises :class:`ReportMismatch`, writing nothing, when no filter is given, the report is
-    absent or unreadable, or no record matches."""
+    ``arch``, ``structure``, ``sparsity`` in percent, e.g. ``"90"``) and rewrite it, reading and writing
+    under the report's lock; the taxonomy keeps only methods that still have records. Returns the
+    removed records. Raises :class:`ReportMismatch`, writing nothing, when no filter is given, the
+    sparsity is not a percentage in (0, 100), the report is absent or unreadable, or no record matches."""
     given = {k: v for k, v in filters.items() if v is not None}
     if not given:
         raise ReportMismatch("give at least one of --method, --arch, --structure, --sparsity (to start a report "
                              "afresh, delete its .md and .json)")
+    if "sparsity" in given:
+        try:
+            percent = float(given["sparsity"])
+        except ValueError:
+            percent = math.nan
+        if not 0 <= percent < 100:
+            raise ReportMismatch(f"--sparsity {given['sparsity']}: give the target sparsity in percent, 0 (the dense "
+                                 "cell) to 99, e.g. 90")
     json_path = md_path.with_suffix(".json")
-    try:
-        doc = check_document(json.loads(json_path.read_text()))
-    except FileNotFoundError:
-        raise ReportMismatch(f"{json_path}: no such report; give the .md path of an existing report") from None
-    except (OSError, ValueError) as exc:
-        raise ReportMismatch(f"{json_path}: unreadable report ({exc}); nothing was dropped") from None
-    check_target(md_path, doc.get("preset"), option="")  # writable, and a .md path
 
     def matches(rec: dict) -> bool:
-        values = {"method": rec["method"], "arch": rec["arch"], "structure": rec["structure"],
-                  "sparsity": f"{round(100 * rec['target_sparsity'])}"}
-        return all(values[k] == v for k, v in given.items())
+        values = {"method": rec["method"], "arch": rec["arch"], "structure": rec["structure"]}
+        if "sparsity" in given and not math.isclose(100 * rec["target_sparsity"], percent, abs_tol=1e-6):
+            return False
+        return all(values[k] == v for k, v in given.items() if k != "sparsity")
 
-    removed = [r for r in doc["records"] if matches(r)]
-    if not removed:
-        present = sorted({f"{r['method']} ({r['arch']})" for r in doc["records"]})
-        raise ReportMismatch(f"no record of {json_path} matches {', '.join(f'{k}={v}' for k, v in given.items())}; "
-                             f"it holds {', '.join(present) or 'no records'}")
-    doc["records"] = [r for r in doc["records"] if not matches(r)]
-    _write_document(doc, md_path)
+    if not json_path.is_file():
+        raise ReportMismatch(f"{json_path}: no such report; give the .md path of an existing report")
+    with _locked(json_path):  # read, filter and write as one step: a run writing meanwhile is not undone
+        try:
+            doc = check_document(json.loads(json_path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ReportMismatch(f"{json_path}: unreadable report ({exc}); nothing was dropped") from None
+        check_target(md_path, doc.get("preset"), option="")  # writable, and a .md path
+        removed = [r for r in doc["records"] if matches(r)]
+        if not removed:
+            present = sorted({f"{r['method']} ({r['arch']})" for r in doc["records"]})
+            raise ReportMismatch(f"no record of {json_path} matches "
+                                 f"{', '.join(f'{k}={v}' for k, v in given.items())}; it holds {', '.join(present) or 'no records'}")
+        doc["records"] = [r for r in doc["records"] if not matches(r)]
+        methods = {r["method"] for r in doc["records"]}
+        doc["taxonomy"] = {m: row for m, row in doc.get("taxonomy", {}).items() if m in methods}
+        _write_unlocked(doc, md_path)
     return removed
 
 
@@ -883,12 +908,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"error: --compare {args.advprune_compare}: unreadable baseline report ({exc})", file=sys.stderr)
             return 2
-    json_path = args.output.with_suffix(".json")
     try:  # before anything is written: a path that cannot take the report fails now, not at the lock
         check_target(args.output, merged["preset"], option="-o ")
     except ReportMismatch as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    json_path = args.output.with_suffix(".json")
     previous = load(json_path, lambda line: print(line, file=sys.stderr))
     print(diff_markdown(previous, merged))
     status = 0

@@ -398,15 +398,21 @@ class AdvPruneSession:
         if train not in self._data:
             p = self.preset
             limit = p.n_train if train else p.n_eval
+            info = data.DATASETS[p.dataset]
+            hint = f"reinstall it (`apt-get install --reinstall {info.debian_package}`) or " if info.debian_package else ""
+            fix = f"fix: {hint}point --advprune-data-dir=DIR (or {data.ENV_VAR}) at an intact copy in torchvision's format"
             try:
-                self._data[train] = data.load(p.dataset, train, self.config.data_dir,
-                                              Path(self.config.cache_dir) / "data", limit)
+                x, y = data.load(p.dataset, train, self.config.data_dir, Path(self.config.cache_dir) / "data", limit)
             except (ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as exc:
-                info = data.DATASETS[p.dataset]
-                hint = f"reinstall it (`apt-get install --reinstall {info.debian_package}`) or " if info.debian_package else ""
                 raise BadDataset(f"dataset {p.dataset}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
-                                 f"fix: {hint}point --advprune-data-dir=DIR (or {data.ENV_VAR}) at an intact copy "
-                                 "in torchvision's format") from exc
+                                 f"{fix}") from exc
+            split, shape = "train" if train else "test", (info.channels, info.size, info.size)
+            labels_ok = y.dim() == 1 and (not len(y) or 0 <= int(y.min()) <= int(y.max()) < info.n_classes)
+            if tuple(x.shape[1:]) != shape or not labels_ok:
+                raise BadDataset(f"dataset {p.dataset} ({split} split): images of shape {tuple(x.shape)} and labels of shape "
+                                 f"{tuple(y.shape)}, not [N, {', '.join(map(str, shape))}] and [N] in 0-{info.n_classes - 1} "
+                                 f"(images and labels files swapped, or another dataset's files?); {fix}")
+            self._data[train] = x, y
         return self._data[train]
 
     def dense_model(self, arch: str) -> nn.Module:

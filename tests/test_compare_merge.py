@@ -7,6 +7,7 @@ cache already holds (trained and evaluated), so those runs build nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -491,3 +492,72 @@ def test_drop_refuses_a_missing_or_unreadable_report(tmp_path, capsys):
     assert report.main(["drop", str(tmp_path / "bad.md"), "--method", "lwm"]) == 2
     assert "bad.json: unreadable report" in capsys.readouterr().err
     assert (tmp_path / "bad.json").read_text() == "{ not json"
+
+
+@pytest.mark.parametrize("value, dropped", [("50", True), ("50.0", True), ("0.5", False)])
+def test_drop_reads_the_sparsity_in_percent(tmp_path, capsys, value, dropped):
+    a = write(tmp_path / "A.json", doc([rec(), rec(structure="filters", sparsity=50)]))
+    assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 0
+    assert report.main(["drop", str(tmp_path / "x.md"), "--sparsity", value]) == (0 if dropped else 2)
+    assert len(json.loads((tmp_path / "x.json").read_text())["records"]) == (1 if dropped else 2)
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-5", "100"])
+def test_drop_refuses_a_sparsity_that_is_not_a_percentage(tmp_path, capsys, value):
+    a = write(tmp_path / "A.json", doc([rec()]))
+    assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 0
+    capsys.readouterr()
+    assert report.main(["drop", str(tmp_path / "x.md"), "--sparsity", value]) == 2
+    assert f"--sparsity {value}: give the target sparsity in percent" in capsys.readouterr().err
+
+
+def test_drop_keeps_the_taxonomy_of_the_methods_left_only(tmp_path):
+    rows = {"lwm": {"pipeline": "after"}, "hydra": {"pipeline": "after"}}
+    a = write(tmp_path / "A.json", doc([rec(), rec("hydra")], taxonomy=rows))
+    assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 0
+    assert report.main(["drop", str(tmp_path / "x.md"), "--method", "hydra"]) == 0
+    assert set(json.loads((tmp_path / "x.json").read_text())["taxonomy"]) == {"lwm"}
+
+
+def test_drop_reads_the_report_under_its_lock_so_a_run_writing_meanwhile_is_kept(tmp_path, monkeypatch):
+    a = write(tmp_path / "A.json", doc([rec(), rec("hydra")]))
+    assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 0
+    locked = report._locked
+
+    @contextlib.contextmanager
+    def another_run_wrote_first(json_path):
+        with locked(json_path):  # the run held the lock and added its record before drop got it
+            current = json.loads(json_path.read_text())
+            current["records"].append(rec("random"))
+            json_path.write_text(json.dumps(current))
+            yield
+
+    monkeypatch.setattr(report, "_locked", another_run_wrote_first)
+    assert report.main(["drop", str(tmp_path / "x.md"), "--method", "hydra"]) == 0
+    assert sorted(r["method"] for r in json.loads((tmp_path / "x.json").read_text())["records"]) == ["lwm", "random"]
+
+
+def test_a_report_file_that_cannot_be_replaced_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    a = write(tmp_path / "A.json", doc([rec(), rec("hydra")]))
+    assert report.main(["merge", str(a), "-o", str(tmp_path / "x.md")]) == 0
+    write_bytes = report.atomic_write_bytes
+
+    def immutable_markdown(path, data):
+        if str(path).endswith(".md"):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        write_bytes(path, data)
+
+    monkeypatch.setattr(report, "atomic_write_bytes", immutable_markdown)
+    capsys.readouterr()
+    for argv in (["drop", str(tmp_path / "x.md"), "--method", "hydra"], ["merge", str(a), "-o", str(tmp_path / "x.md")]):
+        assert report.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: could not write {tmp_path / 'x.md'} (Operation not permitted)") and "\n" not in err
+        assert f"re-render with python -m pytest_advprune.report merge {tmp_path / 'x.json'} -o {tmp_path / 'x.md'}" in err
+
+
+def test_merge_to_an_empty_output_path_is_one_line_exit_2(tmp_path, capsys):
+    a = write(tmp_path / "A.json", doc([rec()]))
+    assert report.main(["merge", str(a), "-o", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "give the markdown file's path, ending in .md" in err and "\n" not in err

@@ -330,25 +330,31 @@ def test_a_missing_dataset_is_one_usage_error_and_the_report_keeps_its_results(a
     assert advprune.report_json.read_bytes() == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "swapped"])
 def test_a_corrupt_dataset_file_is_one_usage_error_and_the_report_keeps_its_results(advprune, tmp_path, damage):
     """Files that are there but unreadable (a cut download, a wrong file) are a usage error, not a traceback."""
     import gzip
 
     folder = tmp_path / "fmnist"
     folder.mkdir()
-    for stem, n in (("t10k-images-idx3-ubyte", 10 * 28 * 28), ("t10k-labels-idx1-ubyte", 10)):
-        header = b"\0\0\x08\x03" + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 if "images" in stem \
-            else b"\0\0\x08\x01" + (10).to_bytes(4, "big")
-        blob = gzip.compress(header + bytes(n))
-        (folder / f"{stem}.gz").write_bytes(blob[: len(blob) // 2] if damage == "truncated" else b"garbage\n")
+    files = {"t10k-images-idx3-ubyte": b"\0\0\x08\x03" + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+             + bytes(10 * 28 * 28), "t10k-labels-idx1-ubyte": b"\0\0\x08\x01" + (10).to_bytes(4, "big") + bytes(10)}
+    if damage == "swapped":  # each file under the other's name: both readable idx files of 10 entries
+        files = dict(zip(files, reversed(files.values())))
+    for stem, raw in files.items():
+        blob = gzip.compress(raw)
+        (folder / f"{stem}.gz").write_bytes({"truncated": blob[: len(blob) // 2], "garbage": b"garbage\n"}.get(damage, blob))
     advprune.report_json.parent.mkdir(parents=True, exist_ok=True)
     advprune.report_json.write_text('{"preset": "smoke", "records": []}')
     before = advprune.report_json.read_bytes()
     result = advprune.inprocess("--advprune-method=hydra", f"--advprune-data-dir={folder}")
     assert result.ret == USAGE
     line = single_error_line(result)
-    assert line.startswith("ERROR: dataset fashion_mnist: ValueError: ") and "t10k-images-idx3-ubyte.gz" in line
+    if damage == "swapped":
+        assert line.startswith("ERROR: dataset fashion_mnist (test split): images of shape (10, 1) and labels of shape "
+                               "(10, 28, 28), not [N, 1, 28, 28] and [N] in 0-9 (images and labels files swapped"), line
+    else:
+        assert line.startswith("ERROR: dataset fashion_mnist: ValueError: ") and "t10k-images-idx3-ubyte.gz" in line
     assert "apt-get install --reinstall dataset-fashion-mnist" in line and "--advprune-data-dir" in line
     assert advprune.report_json.read_bytes() == before
 
