@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from benchmark_cli import add_run_options, judged, load_methods, load_preset, parse_cell, write_records
+from benchmark_cli import (
+    JUDGED_HEADERS, add_run_options, judged, judged_columns, load_methods, load_preset, parse_cell, write_records,
+)
 from pytest_advprune import models
 from pytest_advprune.presets import Preset
 from pytest_advprune.session import AdvPruneSession, RunConfig
@@ -94,16 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cell": f"{cell.method}-{cell.structure}-{cell.sparsity}", "width": factor, "arch": cell.arch,
                 "weights": sum(m.weight.numel() for m in prunable_layers(res.model).values()), **fields})
 
-    def pct(v):
-        return f"{100 * v:.1f}"
-    print(tabulate([[r["cell"], r["width"], r["arch"], f"{r['weights'] / 1e3:.0f}k", f"{r['cell_s']:.0f}", pct(r["clean"]),
-                     pct(r["robust"]), f"{pct(r['floors']['clean'])} / {pct(r['floors']['robust'])}",
-                     "yes" if r["meets_floors"] else "no"] for r in records],
-                   headers=["cell", "width", "arch", "weights", "cell (s)", "clean (%)", "robust (%)", "floors (%)",
-                            "meets floors"], tablefmt="github"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_records(out / f"arch_width_{preset.name}.json", {"preset": preset.name, "eps": preset.eps}, records,
+    print(tabulate([[r["cell"], r["width"], r["arch"], f"{r['weights'] / 1e3:.0f}k", *judged_columns(r)] for r in records],
+                   headers=["cell", "width", "arch", "weights", *JUDGED_HEADERS], tablefmt="github"))
+    write_records(Path(args.out) / f"arch_width_{preset.name}.json", {"preset": preset.name, "eps": preset.eps}, records,
                   ("cell", "width"))
     print("cells meeting every floor per width: " + ", ".join(
         f"x{f} {sum(r['meets_floors'] for r in records if r['width'] == f)} of {len(specs)}" for f in factors))

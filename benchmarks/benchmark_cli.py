@@ -71,12 +71,13 @@ def write_records(path: Path, header: dict, records: list[dict], fields: tuple[s
     """Write ``{**header, "records": [...]}`` to ``path`` (atomically: a temporary file, then a rename)
     with the records of an earlier run in ``path`` that ``records`` do not replace (those with equal
     values of ``fields``, e.g. cell and recipe) first, then ``records``: runs of other settings add up
-    in one file. Returns the records written."""
+    in one file. Creates ``path``'s folder if needed. Returns the records written."""
     def key(r):
         return tuple(r.get(f) for f in fields)
     old = json.loads(path.read_text())["records"] if path.exists() else []
     new = {key(r) for r in records}
     kept = [r for r in old if key(r) not in new] + records
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({**header, "records": kept}, indent=2))
     tmp.replace(path)
@@ -102,3 +103,15 @@ def judged(session: AdvPruneSession, cell: Cell, where: str = "") -> tuple[CellR
         "floors": {"clean": min_clean, "robust": min_robust}, "verdicts": verdicts,
         "meets_floors": all(verdicts.values()), "pruned_key": session.pruned_key(cell),
         "device": str(session.device), "versions": versions()}
+
+
+#: Headers of :func:`judged_columns`, the last columns of a script's table of judged cells.
+JUDGED_HEADERS = ["cell (s)", "clean (%)", "robust (%)", "floors (%)", "meets floors"]
+
+
+def judged_columns(r: dict) -> list[str]:
+    """The table cells of a record carrying :func:`judged`'s fields, under :data:`JUDGED_HEADERS`."""
+    def pct(v):
+        return f"{100 * v:.1f}"
+    return [f"{r['cell_s']:.0f}", pct(r["clean"]), pct(r["robust"]), f"{pct(r['floors']['clean'])} / {pct(r['floors']['robust'])}",
+            "yes" if r["meets_floors"] else "no"]

@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from benchmark_cli import add_run_options, judged, load_methods, load_preset, parse_cell, write_records
+from benchmark_cli import (
+    JUDGED_HEADERS, add_run_options, judged, judged_columns, load_methods, load_preset, parse_cell, write_records,
+)
 from pytest_advprune.presets import Preset
 from pytest_advprune.session import AdvPruneSession, RunConfig
 
@@ -92,18 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                 "prune_train": variant.prune_train.label(), "finetune": variant.finetune.label(),
                 "epochs": {"prune_train": variant.prune_train.epochs, "finetune": variant.finetune.epochs}, **fields})
 
-    def pct(v):
-        return f"{100 * v:.1f}"
     print(tabulate([[r["cell"], r["scale"] + (" (preset)" if r["preset_scale"] else ""), f"{r['epochs']['prune_train']:g}",
-                     f"{r['epochs']['finetune']:g}", f"{r['cell_s']:.0f}", pct(r["clean"]), pct(r["robust"]),
-                     f"{pct(r['floors']['clean'])} / {pct(r['floors']['robust'])}", "yes" if r["meets_floors"] else "no"]
-                    for r in records],
-                   headers=["cell", "scale PxF", "prune-phase epochs", "fine-tuning epochs", "cell (s)", "clean (%)", "robust (%)",
-                            "floors (%)", "meets floors"], tablefmt="github"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"budget_scaling_{preset.name}.json"
-    write_records(path, {"preset": preset.name, "eps": preset.eps}, records, ("cell", "scale"))
+                     f"{r['epochs']['finetune']:g}", *judged_columns(r)] for r in records],
+                   headers=["cell", "scale PxF", "prune-phase epochs", "fine-tuning epochs", *JUDGED_HEADERS], tablefmt="github"))
+    write_records(Path(args.out) / f"budget_scaling_{preset.name}.json", {"preset": preset.name, "eps": preset.eps}, records, ("cell", "scale"))
     print("cells meeting every floor per scale: " + ", ".join(
         f"{label(f)} {sum(r['meets_floors'] for r in records if r['scale'] == label(f))} of {len(cells)}" for f in scales))
     return 0

@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * r['clean']:.1f}", f"{100 * r[pgd]:.1f}"] for r in records],
                    headers=["ranking", "weights kept", "last fine-tuning loss", "clean (%)", f"PGD-{preset.pgd_steps} (%)"],
                    tablefmt="github"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_records(out / f"mad_ranking_{preset.name}.json", {"preset": preset.name, "eps": preset.eps}, records,
+    write_records(Path(args.out) / f"mad_ranking_{preset.name}.json", {"preset": preset.name, "eps": preset.eps}, records,
                   ("ranking", "sparsity", "finetune"))
     print(f"clean / PGD-{preset.pgd_steps} (%) at {args.sparsity}% weights: " + ", ".join(
         f"{r['ranking']} {100 * r['clean']:.1f} / {100 * r[pgd]:.1f}" for r in records))

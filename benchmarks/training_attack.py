@@ -107,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     for r in records],
                    headers=["cell", "recipe P/F", "seed", "clean (%)", "robust (%)", "Square-only (%)", "black_box"],
                    tablefmt="github"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"training_attack_{preset.name}.json"
-    write_records(path, {"preset": preset.name, "eps": preset.eps}, records, ("cell", "recipe", "seed"))
+    write_records(Path(args.out) / f"training_attack_{preset.name}.json", {"preset": preset.name, "eps": preset.eps}, records, ("cell", "recipe", "seed"))
     print("black_box passes per recipe: " + ", ".join(
         f"{p}/{f} {sum(r['black_box_ok'] is True for r in records if r['recipe'] == f'{p}/{f}')} of "
         f"{len(cells) * len(seeds)}"

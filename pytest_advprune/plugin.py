@@ -192,8 +192,9 @@ def _checkpoint_spec(config: pytest.Config):
     if arch not in ARCHITECTURES and ":" not in arch:
         raise pytest.UsageError(f"{_given(config, 'arch')}: not an architecture; use one of {', '.join(ARCHITECTURES)} "
                                 "or path/to/file.py:ClassName")
-    if arch not in ARCHITECTURES and not Path(arch.rpartition(":")[0]).is_file():
-        raise pytest.UsageError(f"{_given(config, 'arch')}: no such file {arch.rpartition(':')[0] or '(empty)'}; give "
+    arch_file = arch.rpartition(":")[0]
+    if arch not in ARCHITECTURES and not Path(arch_file).is_file():
+        raise pytest.UsageError(f"{_given(config, 'arch')}: no such file {arch_file or '(empty)'}; give "
                                 "the path of the Python file that defines the class, then :ClassName")
     if dataset not in DATASETS:
         raise pytest.UsageError(f"--advprune-checkpoint needs --advprune-dataset: one of {', '.join(DATASETS)}")

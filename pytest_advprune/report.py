@@ -220,9 +220,11 @@ def _locked(json_path: Path):
         lock.release()
 
 
-def _cell_id(r: dict) -> str:
-    """How the report names a record's cell, e.g. ``hydra-cnn-weights-90``."""
-    return f"{r['method']}-{r['arch']}-{r['structure']}-{round(100 * r['target_sparsity'])}"
+def _cell_id(r: dict, dataset: bool = False) -> str:
+    """How the report names a record's cell, e.g. ``hydra-cnn-weights-90``; with ``dataset``, as the
+    test ids do, ``hydra-fashion_mnist-cnn-weights-90``."""
+    where = f"{r['dataset']}-{r['arch']}" if dataset else r["arch"]
+    return f"{r['method']}-{where}-{r['structure']}-{round(100 * r['target_sparsity'])}"
 
 
 def _key(rec: dict) -> tuple:
@@ -726,8 +728,8 @@ def regressions(records: list[dict], baseline: list[dict], thresholds: list[Thre
                 ours = 0.0  # the cell measured before and now errors
             allowed = theirs * t.margin / 100 if t.relative else t.margin / 100
             if ours < theirs - allowed - 1e-12:
-                cell = f"{rec['method']}-{rec['dataset']}-{rec['arch']}-{rec['structure']}-{round(100 * rec['target_sparsity'])}"
-                rows.append([cell, t.metric, f"{100 * theirs:.1f}", f"{100 * ours:.1f}", f"{100 * allowed:.2f}"])
+                rows.append([_cell_id(rec, dataset=True), t.metric, f"{100 * theirs:.1f}", f"{100 * ours:.1f}",
+                             f"{100 * allowed:.2f}"])
     return rows
 
 
@@ -821,7 +823,7 @@ def drop(md_path: Path, **filters: str | None) -> list[dict]:
     ``arch``, ``structure``, ``sparsity`` in percent, e.g. ``"90"``) and rewrite it, reading and writing
     under the report's lock; the taxonomy keeps only methods that still have records. Returns the
     removed records. Raises :class:`ReportMismatch`, writing nothing, when no filter is given, the
-    sparsity is not a percentage in (0, 100), the report is absent or unreadable, or no record matches."""
+    sparsity is not a percentage in [0, 100), the report is absent or unreadable, or no record matches."""
     given = {k: v for k, v in filters.items() if v is not None}
     if not given:
         raise ReportMismatch("give at least one of --method, --arch, --structure, --sparsity (to start a report "
@@ -885,8 +887,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         for rec in removed:
-            print(f"dropped {rec['method']}-{rec['dataset']}-{rec['arch']}-{rec['structure']}-"
-                  f"{round(100 * rec['target_sparsity'])} ({rec['status']})")
+            print(f"dropped {_cell_id(rec, dataset=True)} ({rec['status']})")
         return 0
     docs = []
     for path in args.inputs:
